@@ -1,0 +1,159 @@
+"""The whole run as one pydantic model, loaded from YAML with `key=value` overrides.
+
+Every mistake a user can make in a config becomes one line that names the key (`lora.rnk`), says what is wrong
+and what would be right. Checks that need the model (frames allowed by the variant) live with the model spec.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import CogtuneError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: Path
+    variant: str | None = None  # read from the model folder when not given
+
+
+class DataConfig(_Section):
+    root: Path
+    frames: int = Field(49, ge=1)
+    height: int = Field(480, ge=8)
+    width: int = Field(720, ge=8)
+    sampling: Literal["uniform", "head"] = "uniform"
+    crop: Literal["center", "random", "stretch"] = "center"
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16 (VAE ×8 and patch ×2), got {v}")
+        return v
+
+
+class LoraConfig(_Section):
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(64, gt=0)
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class SchedulerConfig(_Section):
+    name: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class LossConfig(_Section):
+    # official: w = 1/(1-ᾱ_t) on the x0 error, which equals plain MSE on v (see models/cogvideox.py)
+    weighting: Literal["official", "none"] = "official"
+
+
+class ValidationConfig(_Section):
+    heldout_loss: bool = True  # loss on a fixed batch, noise and timesteps: before training, every_steps, at the end
+    heldout_clips: int = Field(2, ge=1)
+    every_steps: int = Field(0, ge=0)  # 0 = only before and after training
+
+
+class TrainConfig(_Section):
+    model: ModelConfig
+    data: DataConfig
+    method: Literal["lora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr_scheduler: SchedulerConfig = SchedulerConfig()
+    loss: LossConfig = LossConfig()
+    validation: ValidationConfig = ValidationConfig()
+    max_steps: int = Field(1000, ge=1)
+    output_dir: Path = Path("runs/cogtune")
+    seed: int = 42
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    log_every: int = Field(1, ge=1)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise CogtuneError(f"override {dotted}: {key} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise CogtuneError(f"override {pair!r} is not key=value (e.g. max_steps=100 or lora.rank=16)")
+        key, raw = pair.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return out
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        valid = ", ".join(_field_names(TrainConfig, loc))
+        return f"{source}: unknown key {key!r} (valid here: {valid})"
+    if first["type"] == "missing":
+        return f"{source}: missing required key {key!r}"
+    got = first.get("input")
+    got = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    return f"{source}: {key}: {first['msg']}{got}"
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+    tree: dict[str, Any] = dict(base or {})
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise CogtuneError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise CogtuneError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise CogtuneError(f"{path}: top level must be a mapping of keys, got {type(loaded).__name__}")
+        tree.update(loaded)
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as e:
+        raise CogtuneError(_one_line(e, source)) from None

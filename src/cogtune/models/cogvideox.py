@@ -1,0 +1,216 @@
+"""The CogVideoX family (all five variants) as a ModelSpec.
+
+Everything the transformer sees during training is built the way the stock diffusers pipelines build it at inference
+(`CogVideoXPipeline` / `CogVideoXImageToVideoPipeline`): rotary grids from the transformer config, latent frames padded
+at the front for `patch_size_t` (the pipeline drops the first latent frames after sampling, so that is where padding
+lives), image latents scaled by `scaling_factor` or by its inverse when the VAE says `invert_scale_latents`, zero
+latents after the first frame, `ofs = 2.0` for 1.5-I2V.
+
+Loss ("official", as every CogVideoX trainer defines it): t ~ U{0..T-1}; x_t = add_noise(x0, ε, t); the output is
+read as v; x̂0 = get_velocity(out, x_t, t) = sqrt(ᾱ)·x_t − sqrt(1−ᾱ)·out; loss = mean(w·(x̂0 − x0)²) with
+w = 1/(1−ᾱ_t). Since x̂0 − x0 = −sqrt(1−ᾱ)·(out − v), this is exactly the plain MSE on v; "none" drops w and so
+down-weights low-noise timesteps by (1−ᾱ_t).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+from ..errors import CogtuneError
+from .variants import Variant, detect_variant, get_variant
+
+MAX_TEXT_TOKENS = 226  # the pipelines' default max_sequence_length
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CogtuneError(f"{path}: cannot read ({e.__class__.__name__}); is this a diffusers CogVideoX folder?") from None
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise CogtuneError(f"model folder {path} does not exist (set model.path to a diffusers CogVideoX pipeline folder)")
+    for need in ("model_index.json", "transformer/config.json", "vae/config.json"):
+        if not (path / need).is_file():
+            raise CogtuneError(f"model folder {path} has no {need}: expected a diffusers pipeline folder")
+    return path
+
+
+def resolve_variant(path: str | Path, override: str | None = None) -> Variant:
+    """The variant of a model folder, read from its configs without loading weights."""
+    path = check_model_dir(path)
+    if override:
+        return get_variant(override)
+    transformer_cfg = _read_json(path / "transformer" / "config.json")
+    vae_cfg = _read_json(path / "vae" / "config.json")
+    return get_variant(detect_variant(transformer_cfg, vae_cfg))
+
+
+class CogVideoXSpec:
+    default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+
+    def __init__(self, pipe, variant: Variant, model_path: str):
+        self.pipe = pipe
+        self.variant = variant
+        self.variant_name = variant.name
+        self.model_path = model_path
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.scheduler = pipe.scheduler
+        cfg = self.transformer.config
+        self.patch_size, self.patch_size_t = cfg.patch_size, cfg.patch_size_t
+        self.spatial_ratio = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.temporal_ratio = self.vae.config.temporal_compression_ratio
+        self.scaling = self.vae.config.scaling_factor
+        self.invert_image_scale = bool(self.vae.config.get("invert_scale_latents", False))
+        self.compute_dtype = torch.float32
+
+    @classmethod
+    def load(cls, path: str | Path, variant: str | None = None) -> "CogVideoXSpec":
+        var = resolve_variant(path, variant)
+        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+        for part in (pipe.transformer, pipe.vae, pipe.text_encoder):
+            part.requires_grad_(False)
+        return cls(pipe, var, str(path))
+
+    # --- checks -------------------------------------------------------------------------------------------
+    def check_size(self, frames: int, height: int, width: int) -> None:
+        problem = self.variant.check_frames(frames)
+        if problem:
+            raise CogtuneError(f"data.frames={frames}: {problem}")
+        unit = self.spatial_ratio * self.patch_size
+        if height % unit or width % unit:
+            raise CogtuneError(f"data.height/width {height}x{width}: both must be multiples of {unit} for {self.variant.name}")
+        cfg = self.transformer.config
+        if cfg.use_learned_positional_embeddings:
+            native = (cfg.sample_height * self.spatial_ratio, cfg.sample_width * self.spatial_ratio)
+            if (height, width) != native:
+                raise CogtuneError(
+                    f"data.height/width {height}x{width}: {self.variant.name} has learned positional embeddings "
+                    f"that fix its size to {native[0]}x{native[1]}; set data.height={native[0]} data.width={native[1]}"
+                )
+
+    # --- encoding (no grad, frozen parts) ---------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
+        embeds, _ = self.pipe.encode_prompt(
+            captions,
+            do_classifier_free_guidance=False,
+            max_sequence_length=MAX_TEXT_TOKENS,
+            device=self.pipe.text_encoder.device,
+        )
+        return embeds.float()
+
+    @torch.no_grad()
+    def encode_videos(self, videos: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[B, F, 3, H, W] → latent mean/logvar [B, C, f, h, w] (+ first-frame ones for I2V)."""
+        x = videos.to(self.vae.device, self.vae.dtype).permute(0, 2, 1, 3, 4)
+        dist = self.vae.encode(x).latent_dist
+        out = {"latent_mean": dist.mean.float(), "latent_logvar": dist.logvar.float()}
+        if self.variant.i2v:
+            first = self.vae.encode(x[:, :, :1]).latent_dist
+            out |= {"image_mean": first.mean.float(), "image_logvar": first.logvar.float()}
+        return out
+
+    @staticmethod
+    def _sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
+
+    # --- transformer inputs, as the pipelines build them ------------------------------------------------------
+    def pad_frames(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, f, C, h, w]: repeat the first latent frame at the front up to a multiple of patch_size_t."""
+        if not self.patch_size_t:
+            return latents
+        extra = (-latents.shape[1]) % self.patch_size_t
+        return torch.cat([latents[:, :1].expand(-1, extra, -1, -1, -1), latents], dim=1) if extra else latents
+
+    def image_condition(self, image_latents: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """Unscaled first-frame latents [B, 1, C, h, w] → the pipeline's image input [B, num_frames, C, h, w]."""
+        scale = 1 / self.scaling if self.invert_image_scale else self.scaling
+        image_latents = image_latents * scale
+        zeros = image_latents.new_zeros((image_latents.shape[0], num_frames - 1, *image_latents.shape[2:]))
+        return torch.cat([image_latents, zeros], dim=1)
+
+    def rotary_embeddings(self, frames: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        cfg = self.transformer.config
+        if not cfg.use_rotary_positional_embeddings:
+            return None
+        p = self.patch_size
+        grid_h, grid_w = h // p, w // p
+        base_h, base_w = cfg.sample_height // p, cfg.sample_width // p
+        if self.patch_size_t is None:
+            crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+            return get_3d_rotary_pos_embed(
+                embed_dim=cfg.attention_head_dim, crops_coords=crops, grid_size=(grid_h, grid_w),
+                temporal_size=frames, device=device,
+            )
+        return get_3d_rotary_pos_embed(
+            embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=(grid_h, grid_w),
+            temporal_size=(frames + self.patch_size_t - 1) // self.patch_size_t, grid_type="slice",
+            max_size=(base_h, base_w), device=device,
+        )
+
+    def transformer_inputs(
+        self, noisy: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
+        image_latents: torch.Tensor | None = None,
+    ) -> dict:
+        """Keyword arguments for the transformer; `noisy` is [B, f, C, h, w] already padded."""
+        hidden = noisy if image_latents is None else torch.cat([noisy, image_latents], dim=2)
+        ofs = noisy.new_full((1,), 2.0) if self.transformer.config.ofs_embed_dim else None
+        return {
+            "hidden_states": hidden,
+            "encoder_hidden_states": prompt_embeds,
+            "timestep": timesteps,
+            "ofs": ofs,
+            "image_rotary_emb": self.rotary_embeddings(noisy.shape[1], noisy.shape[3], noisy.shape[4], noisy.device),
+            "return_dict": False,
+        }
+
+    # --- the loss ---------------------------------------------------------------------------------------------
+    def training_loss(self, transformer, batch, generator, timesteps=None, weighting: str = "official"):
+        dtype = self.compute_dtype
+        mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+        x0 = self._sample(mean, logvar, generator).permute(0, 2, 1, 3, 4) * self.scaling  # [B, f, C, h, w]
+        x0 = self.pad_frames(x0)
+        bsz = x0.shape[0]
+        if timesteps is None:
+            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (bsz,), generator=generator)
+        timesteps = timesteps.to(x0.device).long()
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        noisy = self.scheduler.add_noise(x0, noise, timesteps)
+        image = None
+        if self.variant.i2v:
+            first = self._sample(batch["image_mean"], batch["image_logvar"], generator).permute(0, 2, 1, 3, 4)
+            image = self.image_condition(first, x0.shape[1]).to(dtype)
+        kwargs = self.transformer_inputs(noisy.to(dtype), batch["prompt_embeds"].to(dtype), timesteps, image)
+        pred = transformer(**kwargs)[0].float()
+        x0_hat = self.scheduler.get_velocity(pred, noisy, timesteps)
+        err = (x0_hat - x0) ** 2
+        if weighting == "official":
+            alpha_bar = self.scheduler.alphas_cumprod.to(x0.device)[timesteps].float()
+            err = err / (1 - alpha_bar).view(-1, 1, 1, 1, 1)
+        return err.reshape(bsz, -1).mean(dim=1).mean()
+
+    # --- devices and inference ----------------------------------------------------------------------------
+    def to(self, device, dtype) -> None:
+        self.compute_dtype = dtype
+        self.vae.to(device)
+        self.pipe.text_encoder.to(device)
+        self.transformer.to(device)
+        for p in self.transformer.parameters():
+            p.data = p.data.to(dtype if not p.requires_grad else torch.float32)
+
+    def pipeline(self, transformer=None):
+        if transformer is None or transformer is self.transformer:
+            return self.pipe
+        return type(self.pipe)(**{**self.pipe.components, "transformer": transformer})

@@ -1,0 +1,42 @@
+"""What the training loop may know about a model: this interface and nothing else.
+
+A new model family is one new file implementing it. Tensors cross the boundary as plain dicts so that caches and
+collation stay model-agnostic.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class ModelSpec(Protocol):
+    variant_name: str
+    model_path: str
+    transformer: torch.nn.Module
+    default_lora_targets: list[str]
+
+    def check_size(self, frames: int, height: int, width: int) -> None:
+        """Raise CogtuneError (one line) when the model cannot train at this size."""
+
+    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
+        """Text embeddings exactly as the inference pipeline computes them."""
+
+    def encode_videos(self, videos: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Videos [B, F, 3, H, W] in [-1, 1] → cacheable tensors (latent distribution parameters, image latents)."""
+
+    def training_loss(
+        self,
+        transformer: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scalar loss for one batch of cached tensors; all randomness drawn from `generator`."""
+
+    def pipeline(self, transformer: torch.nn.Module | None = None):
+        """The stock diffusers pipeline over this model's components (optionally with another transformer)."""
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the frozen components; the transformer's weights go to `dtype` (trainable params stay fp32)."""

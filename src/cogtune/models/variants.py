@@ -1,0 +1,164 @@
+"""The five CogVideoX variants as data: frame/size rules, and the real published configs of each.
+
+Sources of the real configs (checked 2026-11):
+- transformer: diffusers `scripts/convert_cogvideox_to_diffusers.py` (`get_transformer_init_kwargs`: 1.0 →
+  patch_size_t None, patch_bias True, sample 60x90x49; 1.5 → patch_size_t 2, patch_bias False, sample 300x300x81;
+  `in_channels=32` for I2V, `use_learned_positional_embeddings` for 1.0 I2V only, `ofs_embed_dim=512` for 1.5 I2V),
+  and the hub configs THUDM|zai-org/CogVideoX-2b and CogVideoX-5b `transformer/config.json` (30/30 and 48/42 heads/layers).
+- vae: hub `vae/config.json` of CogVideoX-2b (scaling 1.15258426), CogVideoX-5b (0.7, invert false) and
+  CogVideoX1.5-5B (0.7, `invert_scale_latents: true`; the converter sets it for every 1.5 VAE, T2V included).
+- scheduler: hub `scheduler/scheduler_config.json`. Every variant *ships* `CogVideoXDDIMScheduler` (model_index.json
+  too); snr_shift_scale 3.0 for 2B, 1.0 for all 5B ones (zai-org/CogVideoX-5b, CogVideoX1.5-5B as quoted in
+  huggingface/finetrainers#120). The model cards / inference/cli_demo.py *recommend* swapping in
+  `CogVideoXDPMScheduler` for the 5B variants at inference: that is `recommended_scheduler_class` below.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from cogtune.errors import CogtuneError
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    family: str  # "1.0" or "1.5"
+    i2v: bool
+    frame_step: int  # frames must be frame_step * N + 1 ...
+    max_n: int  # ... with 1 <= N <= max_n
+    native_frames: int
+    native_height: int
+    native_width: int
+    fps: int
+    fixed_resolution: bool  # learned positional embeddings lock the size to native_height x native_width
+
+    def allowed_frames(self) -> list[int]:
+        return [self.frame_step * n + 1 for n in range(1, self.max_n + 1)]
+
+    def check_frames(self, n: int) -> str | None:
+        """None if `n` frames is valid for this variant, else a one-line message saying what is."""
+        allowed = self.allowed_frames()
+        if n in allowed:
+            return None
+        return (f"{self.name} takes {self.frame_step}N+1 frames with 1 <= N <= {self.max_n} "
+                f"({', '.join(map(str, allowed))}; native {self.native_frames}), not {n}")
+
+
+def _variant(name: str, family: str, i2v: bool, fixed_resolution: bool = False) -> Variant:
+    if family == "1.0":
+        return Variant(name, family, i2v, 8, 6, 49, 480, 720, 8, fixed_resolution)
+    return Variant(name, family, i2v, 16, 10, 81, 768, 1360, 16, fixed_resolution)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        _variant("cogvideox-2b", "1.0", i2v=False),
+        _variant("cogvideox-5b", "1.0", i2v=False),
+        _variant("cogvideox-5b-i2v", "1.0", i2v=True, fixed_resolution=True),
+        _variant("cogvideox1.5-5b", "1.5", i2v=False),
+        _variant("cogvideox1.5-5b-i2v", "1.5", i2v=True),
+    )
+}
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise CogtuneError(f"unknown model variant {name!r}: use one of {', '.join(VARIANTS)}") from None
+
+
+# --- the real published configs ---------------------------------------------------------------------------------
+
+_TRANSFORMER_BASE: dict[str, Any] = {
+    "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 64, "dropout": 0.0,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 16, "max_text_seq_length": 226,
+    "norm_elementwise_affine": True, "norm_eps": 1e-05, "num_attention_heads": 48, "num_layers": 42,
+    "ofs_embed_dim": None, "out_channels": 16, "patch_bias": True, "patch_size": 2, "patch_size_t": None,
+    "sample_frames": 49, "sample_height": 60, "sample_width": 90, "spatial_interpolation_scale": 1.875,
+    "temporal_compression_ratio": 4, "temporal_interpolation_scale": 1.0, "text_embed_dim": 4096,
+    "time_embed_dim": 512, "timestep_activation_fn": "silu", "use_learned_positional_embeddings": False,
+    "use_rotary_positional_embeddings": True,
+}
+_V15 = {"patch_size_t": 2, "patch_bias": False, "sample_frames": 81, "sample_height": 300, "sample_width": 300}
+_TRANSFORMER: dict[str, dict[str, Any]] = {
+    "cogvideox-2b": {"num_attention_heads": 30, "num_layers": 30, "use_rotary_positional_embeddings": False},
+    "cogvideox-5b": {},
+    "cogvideox-5b-i2v": {"in_channels": 32, "use_learned_positional_embeddings": True},
+    "cogvideox1.5-5b": dict(_V15),
+    "cogvideox1.5-5b-i2v": {**_V15, "in_channels": 32, "ofs_embed_dim": 512},
+}
+
+_VAE_BASE: dict[str, Any] = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 256, 512], "down_block_types": ["CogVideoXDownBlock3D"] * 4,
+    "force_upcast": True, "in_channels": 3, "invert_scale_latents": False, "latent_channels": 16,
+    "latents_mean": None, "latents_std": None, "layers_per_block": 3, "norm_eps": 1e-06, "norm_num_groups": 32,
+    "out_channels": 3, "sample_height": 480, "sample_width": 720, "scaling_factor": 0.7, "shift_factor": None,
+    "temporal_compression_ratio": 4, "up_block_types": ["CogVideoXUpBlock3D"] * 4,
+    "use_post_quant_conv": False, "use_quant_conv": False,
+}
+_VAE: dict[str, dict[str, Any]] = {
+    "cogvideox-2b": {"scaling_factor": 1.15258426},
+    "cogvideox-5b": {},
+    "cogvideox-5b-i2v": {},
+    "cogvideox1.5-5b": {"invert_scale_latents": True},
+    "cogvideox1.5-5b-i2v": {"invert_scale_latents": True},
+}
+
+_SCHEDULER_BASE: dict[str, Any] = {
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+    "clip_sample_range": 1.0, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True, "sample_max_value": 1.0, "set_alpha_to_one": True, "snr_shift_scale": 1.0,
+    "steps_offset": 0, "timestep_spacing": "trailing", "trained_betas": None,
+}
+
+
+def real_configs(name: str) -> dict[str, Any]:
+    """Fresh copies of the published configs of variant `name`.
+
+    Keys: pipeline_class, transformer, vae, scheduler_class, scheduler, recommended_scheduler_class, text_encoder_id.
+    `CogVideoXTransformer3DModel(**out["transformer"])` builds the real-size model (random weights).
+    """
+    v = get_variant(name)
+    return copy.deepcopy({
+        "pipeline_class": "CogVideoXImageToVideoPipeline" if v.i2v else "CogVideoXPipeline",
+        "transformer": {**_TRANSFORMER_BASE, **_TRANSFORMER[name]},
+        "vae": {**_VAE_BASE, **_VAE[name]},
+        "scheduler_class": "CogVideoXDDIMScheduler",
+        "scheduler": {**_SCHEDULER_BASE, "snr_shift_scale": 3.0 if name == "cogvideox-2b" else 1.0},
+        "recommended_scheduler_class": "CogVideoXDDIMScheduler" if name == "cogvideox-2b" else "CogVideoXDPMScheduler",
+        "text_encoder_id": "google/t5-v1_1-xxl",  # T5 v1.1 XXL encoder, d_model 4096 = text_embed_dim
+    })
+
+
+def detect_variant(transformer_config: dict[str, Any], vae_config: dict[str, Any] | None = None) -> str:
+    """The variant name a CogVideoXTransformer3DModel config belongs to (real-size or tiny).
+
+    Old configs (diffusers 0.30) lack patch_size_t / use_rotary_positional_embeddings: missing means None / False.
+    With `vae_config`, a VAE whose scaling_factor does not match the detected variant is refused.
+    """
+    cfg = transformer_config
+    in_ch, out_ch = cfg.get("in_channels", 16), cfg.get("out_channels") or 16
+    if in_ch not in (out_ch, 2 * out_ch):
+        raise CogtuneError(f"transformer in_channels={in_ch}: not a CogVideoX variant (expected {out_ch} for T2V "
+                           f"or {2 * out_ch} for I2V); pass the variant explicitly if this is a custom model")
+    i2v = in_ch == 2 * out_ch
+    if cfg.get("patch_size_t") is not None:
+        name = "cogvideox1.5-5b-i2v" if i2v else "cogvideox1.5-5b"
+    elif cfg.get("use_rotary_positional_embeddings", False):
+        name = "cogvideox-5b-i2v" if i2v else "cogvideox-5b"
+    elif not i2v:
+        name = "cogvideox-2b"
+    else:
+        raise CogtuneError("transformer has I2V inputs (in_channels=32) but no rotary embeddings: no official "
+                           "CogVideoX variant looks like that; pass the variant explicitly if this is a custom model")
+    if vae_config is not None and "scaling_factor" in vae_config:
+        expected = _VAE_BASE["scaling_factor"] if name != "cogvideox-2b" else _VAE["cogvideox-2b"]["scaling_factor"]
+        if abs(float(vae_config["scaling_factor"]) - expected) > 1e-6:
+            raise CogtuneError(f"vae scaling_factor={vae_config['scaling_factor']} does not belong with a {name} "
+                               f"transformer (expected {expected}): the vae/ folder comes from another model")
+    return name

@@ -1,0 +1,64 @@
+"""LoRA through peft, saved in the diffusers format so that stock `load_lora_weights` restores the trained scale.
+
+diffusers reads the adapter's LoraConfig from the safetensors metadata key `lora_adapter_metadata` (keys prefixed with
+`transformer.`); without it, it assumes alpha = rank and loads at scale 1.0 — the official trainer's silent 2× error.
+We always write it, plus `cogtune.*` keys that say what the LoRA was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .. import __version__
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+PREFIX = "transformer."
+
+
+def add_lora(transformer: torch.nn.Module, rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0):
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout, init_lora_weights=True
+    )
+    transformer.add_adapter(config)
+    for name, p in transformer.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return config
+
+
+def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+def save_lora(transformer: torch.nn.Module, out_dir: str | Path, info: dict) -> Path:
+    """Write `out_dir/pytorch_lora_weights.safetensors` atomically; `info` goes into `cogtune.*` metadata."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_cfg = transformer.peft_config["default"].to_dict()
+    peft_cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_cfg.items()}
+    metadata = {
+        "format": "pt",
+        DIFFUSERS_METADATA_KEY: json.dumps({PREFIX + k: v for k, v in peft_cfg.items()}, indent=2, sort_keys=True),
+        "cogtune.version": __version__,
+        "cogtune.rank": str(peft_cfg["r"]),
+        "cogtune.alpha": str(peft_cfg["lora_alpha"]),
+        "cogtune.target_modules": json.dumps(sorted(peft_cfg["target_modules"])),
+    }
+    metadata |= {f"cogtune.{k}": str(v) for k, v in info.items()}
+    final = out_dir / WEIGHT_NAME
+    tmp = out_dir / f".{WEIGHT_NAME}.tmp"
+    save_file(lora_state_dict(transformer), str(tmp), metadata=metadata)
+    os.replace(tmp, final)
+    return final
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})

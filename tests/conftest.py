@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny pipelines of the real diffusers classes and real H.264 datasets, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(variant) -> path of a tiny random-weight pipeline folder (built once per variant)."""
+    from cogtune.models.tiny import write_tiny_pipeline
+
+    made: dict[str, object] = {}
+
+    def get(variant: str = "cogvideox-5b"):
+        if variant not in made:
+            made[variant] = write_tiny_pipeline(tmp_path_factory.mktemp(variant) / "model", variant, seed=0)
+        return made[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    from cogtune.data.synth import write_synth_dataset
+
+    root = tmp_path_factory.mktemp("synth") / "data"
+    write_synth_dataset(root, clips=6, seed=0)
+    return root
+
+
+def tiny_train_config(model, data, out, **overrides):
+    """A TrainConfig for the tiny model, sized like the quickstart; keyword args override dotted keys (a__b → a.b)."""
+    from cogtune.config import load_config
+    from cogtune.models.tiny import TINY_DEFAULTS
+    from cogtune.models.cogvideox import resolve_variant
+
+    size = TINY_DEFAULTS[resolve_variant(model).name]
+    tree = {
+        "model": {"path": str(model)},
+        "data": {"root": str(data), "frames": size["frames"], "height": size["height"], "width": size["width"]},
+        "output_dir": str(out),
+        "max_steps": 4,
+        "mixed_precision": "no",
+        "lora": {"rank": 8, "alpha": 8},
+        "optimizer": {"lr": 1e-3},
+        "validation": {"heldout_loss": False},
+    }
+    pairs = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+    return load_config(None, pairs, base=tree)
