@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from diffusers import CogVideoXPipeline
+from diffusers import DiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from cogtune.train.loop import train
@@ -22,12 +22,16 @@ def _inputs(spec, frames, height, width, seed=0):
     c = spec.transformer.config.out_channels
     latents = torch.randn(1, f, c, height // 8, width // 8, generator=gen)
     text = torch.randn(1, 226, spec.transformer.config.text_embed_dim, generator=gen)
-    return spec.transformer_inputs(latents, text, torch.tensor([500]))
+    image = torch.randn(latents.shape, generator=gen) if spec.variant.i2v else None
+    return spec.transformer_inputs(latents, text, torch.tensor([500]), image)
 
 
-@pytest.mark.parametrize("rank,alpha", [(8, 4), (8, 8)])
-def test_lora_loads_at_trained_scale(tiny_model, synth_data, tmp_path, rank, alpha):
-    model = tiny_model("cogvideox-5b")
+@pytest.mark.parametrize(
+    "variant,rank,alpha",
+    [("cogvideox-5b", 8, 4), ("cogvideox-5b", 8, 8), ("cogvideox-5b-i2v", 8, 4), ("cogvideox1.5-5b-i2v", 4, 8)],
+)
+def test_lora_loads_at_trained_scale(tiny_model, synth_data, tmp_path, variant, rank, alpha):
+    model = tiny_model(variant)
     cfg = tiny_train_config(model, synth_data, tmp_path / "run", lora__rank=rank, lora__alpha=alpha,
                             optimizer__lr=5e-3, max_steps=3)
     result = train(cfg)
@@ -38,7 +42,7 @@ def test_lora_loads_at_trained_scale(tiny_model, synth_data, tmp_path, rank, alp
     with torch.no_grad():
         trained = result.transformer(**inputs)[0]
 
-    pipe = CogVideoXPipeline.from_pretrained(str(model))
+    pipe = DiffusionPipeline.from_pretrained(str(model))
     with torch.no_grad():
         base = pipe.transformer(**inputs)[0]
     pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="x")
@@ -52,7 +56,7 @@ def test_lora_loads_at_trained_scale(tiny_model, synth_data, tmp_path, rank, alp
     # the metadata is what carries the scale: the same tensors without it load at alpha = rank
     meta_free = tmp_path / "no_meta.safetensors"
     save_file(load_file(str(lora_file)), str(meta_free))
-    pipe2 = CogVideoXPipeline.from_pretrained(str(model))
+    pipe2 = DiffusionPipeline.from_pretrained(str(model))
     pipe2.load_lora_weights(str(tmp_path), weight_name=meta_free.name, adapter_name="y")
     with torch.no_grad():
         naive = pipe2.transformer(**inputs)[0]

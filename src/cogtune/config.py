@@ -65,19 +65,56 @@ class SchedulerConfig(_Section):
 class LossConfig(_Section):
     # official: w = 1/(1-ᾱ_t) on the x0 error, which equals plain MSE on v (see models/cogvideox.py)
     weighting: Literal["official", "none"] = "official"
+    # uniform: t ~ U{0..T-1} (official). logit_normal: u = sigmoid(N(logit_mean, logit_std)), then
+    # u' = shift·u / (1 + (shift−1)·u) (shift > 1 favours noisier timesteps), t = round(u'·(T−1)).
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    timestep_shift: float = Field(1.0, gt=0)
+
+
+class I2VConfig(_Section):
+    # The official I2V trainer perturbs the conditioning image with pixel noise σ = exp(N(−3, 0.5)) before encoding it,
+    # every step (the VAE encoder stays loaded), and drops the image latents with a small probability.
+    image_noise: bool = True
+    image_dropout: float = Field(0.05, ge=0, le=1)
+
+
+class SFTConfig(_Section):
+    save_dtype: Literal["fp32", "bf16", "fp16"] | None = None  # None: the dtype the weights were trained in
+    max_shard_size: str = "5GB"
+    export_pipeline: bool = False  # also write {output_dir}/pipeline/ with the untouched components linked
+
+
+class MemoryConfig(_Section):
+    gradient_checkpointing: bool = False
+    vae_slicing: bool = True
+    vae_tiling: bool = True
+    offload_encoders: bool = True  # move the text encoder and VAE off the accelerator once the clips are encoded
 
 
 class ValidationConfig(_Section):
-    heldout_loss: bool = True  # loss on a fixed batch, noise and timesteps: before training, every_steps, at the end
-    heldout_clips: int = Field(2, ge=1)
     every_steps: int = Field(0, ge=0)  # 0 = only before and after training
+    heldout_loss: bool = True  # loss on fixed clips, latents, noise and timesteps: before, every_steps, at the end
+    heldout_clips: int = Field(2, ge=1)
+    prompts: list[str] = []  # videos generated with the current weights every_steps and at the end
+    images: list[Path] = []  # I2V: one conditioning image per prompt
+    inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(6.0, ge=0)
+    seed: int = 0
+    frames: int | None = None  # None: data.frames / height / width
+    height: int | None = None
+    width: int | None = None
 
 
 class TrainConfig(_Section):
     model: ModelConfig
     data: DataConfig
-    method: Literal["lora"] = "lora"
+    method: Literal["lora", "sft"] = "lora"
     lora: LoraConfig = LoraConfig()
+    sft: SFTConfig = SFTConfig()
+    i2v: I2VConfig = I2VConfig()
+    memory: MemoryConfig = MemoryConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_scheduler: SchedulerConfig = SchedulerConfig()
     loss: LossConfig = LossConfig()

@@ -28,6 +28,11 @@ from .variants import Variant, detect_variant, get_variant
 MAX_TEXT_TOKENS = 226  # the pipelines' default max_sequence_length
 
 
+def randn(gens: list[torch.Generator], shape) -> torch.Tensor:
+    """Standard normal noise of `shape` (batch first), sample i drawn from gens[i] (on the CPU, so any device agrees)."""
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in gens])
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -98,6 +103,11 @@ class CogVideoXSpec:
                     f"data.height/width {height}x{width}: {self.variant.name} has learned positional embeddings "
                     f"that fix its size to {native[0]}x{native[1]}; set data.height={native[0]} data.width={native[1]}"
                 )
+            if frames != cfg.sample_frames:  # diffusers would silently swap the learned table for sin-cos
+                raise CogtuneError(
+                    f"data.frames={frames}: {self.variant.name}'s learned positional embeddings are for "
+                    f"{cfg.sample_frames} frames; set data.frames={cfg.sample_frames}"
+                )
 
     # --- encoding (no grad, frozen parts) ---------------------------------------------------------------------
     @torch.no_grad()
@@ -116,15 +126,15 @@ class CogVideoXSpec:
         x = videos.to(self.vae.device, self.vae.dtype).permute(0, 2, 1, 3, 4)
         dist = self.vae.encode(x).latent_dist
         out = {"latent_mean": dist.mean.float(), "latent_logvar": dist.logvar.float()}
-        if self.variant.i2v:
+        if self.variant.i2v:  # the conditioning image: the first selected frame, after the same resize and crop
             first = self.vae.encode(x[:, :, :1]).latent_dist
-            out |= {"image_mean": first.mean.float(), "image_logvar": first.logvar.float()}
+            out |= {"image_mean": first.mean.float(), "image_logvar": first.logvar.float(),
+                    "image_pixels": x[:, :, 0].float()}
         return out
 
     @staticmethod
-    def _sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
+    def _sample(mean: torch.Tensor, logvar: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * randn(gens, mean.shape).to(mean)
 
     # --- transformer inputs, as the pipelines build them ------------------------------------------------------
     def pad_frames(self, latents: torch.Tensor) -> torch.Tensor:
@@ -177,35 +187,80 @@ class CogVideoXSpec:
         }
 
     # --- the loss ---------------------------------------------------------------------------------------------
-    def training_loss(self, transformer, batch, generator, timesteps=None, weighting: str = "official"):
-        dtype = self.compute_dtype
-        mean, logvar = batch["latent_mean"], batch["latent_logvar"]
-        x0 = self._sample(mean, logvar, generator).permute(0, 2, 1, 3, 4) * self.scaling  # [B, f, C, h, w]
-        x0 = self.pad_frames(x0)
-        bsz = x0.shape[0]
-        if timesteps is None:
-            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (bsz,), generator=generator)
-        timesteps = timesteps.to(x0.device).long()
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        noisy = self.scheduler.add_noise(x0, noise, timesteps)
-        image = None
-        if self.variant.i2v:
-            first = self._sample(batch["image_mean"], batch["image_logvar"], generator).permute(0, 2, 1, 3, 4)
-            image = self.image_condition(first, x0.shape[1]).to(dtype)
-        kwargs = self.transformer_inputs(noisy.to(dtype), batch["prompt_embeds"].to(dtype), timesteps, image)
-        pred = transformer(**kwargs)[0].float()
+    def sample_timesteps(self, gens: list[torch.Generator], loss_cfg=None) -> torch.Tensor:
+        steps = self.scheduler.config.num_train_timesteps
+        if loss_cfg is None or loss_cfg.timestep_sampling == "uniform":
+            return torch.cat([torch.randint(0, steps, (1,), generator=g) for g in gens])
+        u = torch.sigmoid(loss_cfg.logit_mean + loss_cfg.logit_std * randn(gens, (len(gens),)))
+        shift = loss_cfg.timestep_shift
+        u = shift * u / (1 + (shift - 1) * u)
+        return (u * (steps - 1)).round().long()
+
+    def prediction_loss(self, pred, x0, noisy, timesteps, weighting: str = "official") -> torch.Tensor:
+        """Per-batch mean of w·(x̂0 − x0)² with x̂0 = get_velocity(pred, x_t, t) (see the module docstring)."""
         x0_hat = self.scheduler.get_velocity(pred, noisy, timesteps)
         err = (x0_hat - x0) ** 2
         if weighting == "official":
-            alpha_bar = self.scheduler.alphas_cumprod.to(x0.device)[timesteps].float()
-            err = err / (1 - alpha_bar).view(-1, 1, 1, 1, 1)
-        return err.reshape(bsz, -1).mean(dim=1).mean()
+            alpha_bar = self.scheduler.alphas_cumprod.to(x0.device)[timesteps].to(err.dtype)
+            err = err / (1 - alpha_bar).view(-1, *[1] * (err.dim() - 1))
+        return err.reshape(err.shape[0], -1).mean(dim=1).mean()
+
+    @torch.no_grad()
+    def _image_latents(self, batch: dict, gens: list[torch.Generator], i2v_cfg) -> torch.Tensor:
+        """Unscaled first-frame latents [B, 1, C, h, w]: re-encoded with pixel noise (official), or from the cache."""
+        if i2v_cfg is not None and i2v_cfg.image_noise:
+            pixels = batch["image_pixels"]  # [B, 3, H, W] in [-1, 1]
+            sigma = torch.exp(-3.0 + 0.5 * randn(gens, (len(gens),))).to(pixels)
+            noise = randn(gens, pixels.shape).to(pixels)
+            noisy = (pixels + sigma.view(-1, 1, 1, 1) * noise).unsqueeze(2).to(self.vae.device, self.vae.dtype)
+            dist = self.vae.encode(noisy).latent_dist
+            latents = self._sample(dist.mean.float(), dist.logvar.float(), gens).to(pixels.device)
+        else:
+            latents = self._sample(batch["image_mean"], batch["image_logvar"], gens)
+        latents = latents.permute(0, 2, 1, 3, 4)
+        if i2v_cfg is not None and i2v_cfg.image_dropout > 0:
+            keep = torch.cat([torch.rand(1, generator=g) for g in gens]) >= i2v_cfg.image_dropout
+            latents = latents * keep.to(latents).view(-1, 1, 1, 1, 1)
+        return latents
+
+    def training_loss(self, transformer, batch, gens, timesteps=None, loss_cfg=None, i2v_cfg=None):
+        """All randomness (latent sample, timestep, noise, image noise/dropout) of sample i comes from gens[i], so a
+        sample's loss does not depend on which rank or micro-batch it lands in."""
+        dtype = self.compute_dtype
+        x0 = self._sample(batch["latent_mean"], batch["latent_logvar"], gens)
+        x0 = self.pad_frames(x0.permute(0, 2, 1, 3, 4) * self.scaling)  # [B, f, C, h, w]
+        if timesteps is None:
+            timesteps = self.sample_timesteps(gens, loss_cfg)
+        timesteps = timesteps.to(x0.device).long()
+        noise = randn(gens, x0.shape).to(x0)
+        noisy = self.scheduler.add_noise(x0, noise, timesteps)
+        image = None
+        if self.variant.i2v:
+            image = self.image_condition(self._image_latents(batch, gens, i2v_cfg), x0.shape[1]).to(dtype)
+        kwargs = self.transformer_inputs(noisy.to(dtype), batch["prompt_embeds"].to(dtype), timesteps, image)
+        pred = transformer(**kwargs)[0].float()
+        weighting = loss_cfg.weighting if loss_cfg is not None else "official"
+        return self.prediction_loss(pred, x0, noisy, timesteps, weighting)
 
     # --- devices and inference ----------------------------------------------------------------------------
-    def to(self, device, dtype) -> None:
-        self.compute_dtype = dtype
+    def set_vae_memory(self, slicing: bool, tiling: bool) -> None:
+        (self.vae.enable_slicing if slicing else self.vae.disable_slicing)()
+        (self.vae.enable_tiling if tiling else self.vae.disable_tiling)()
+
+    def encoders_to(self, device) -> None:
         self.vae.to(device)
         self.pipe.text_encoder.to(device)
+
+    def offload_encoders(self, keep_vae: bool = False) -> None:
+        """Text encoder (and VAE unless still needed) off the accelerator once everything is encoded."""
+        self.pipe.text_encoder.to("cpu")
+        if not keep_vae:
+            self.vae.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def to(self, device, dtype) -> None:
+        self.compute_dtype = dtype
         self.transformer.to(device)
         for p in self.transformer.parameters():
             p.data = p.data.to(dtype if not p.requires_grad else torch.float32)

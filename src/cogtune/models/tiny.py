@@ -79,11 +79,17 @@ def tiny_configs(variant: str) -> dict[str, dict]:
         "text_embed_dim": TEXT_DIM, "max_text_seq_length": MAX_TEXT_TOKENS,
         "sample_frames": size["frames"], "sample_height": size["height"] // 8, "sample_width": size["width"] // 8,
     }
+    if transformer["patch_size_t"]:
+        # 1.5 reads sample_height/width only as the rotary grid's maximum (real: 300x300 latents, far above native);
+        # keep it above the tiny native size too, so other sizes up to 128 px work as they do on the real model
+        transformer |= {"sample_height": 16, "sample_width": 16}
     if transformer["ofs_embed_dim"]:
         transformer["ofs_embed_dim"] = transformer["time_embed_dim"]  # ofs_emb is added to the time embedding
     vae = real["vae"] | {
         "block_out_channels": [8, 8, 16, 16],  # 4 blocks: 8x spatial compression, as in the real VAE
-        "layers_per_block": 1, "norm_num_groups": 4, "sample_height": size["height"], "sample_width": size["width"],
+        # sample_height/width stay the real ones: they set the tile size when VAE tiling is on (240x360 px tiles),
+        # and tiles the size of the tiny native frames would be too small for the VAE's 3x3 convolutions
+        "layers_per_block": 1, "norm_num_groups": 4,
     }
     return {"transformer": transformer, "vae": vae, "scheduler": real["scheduler"],
             "scheduler_class": real["scheduler_class"], "pipeline_class": real["pipeline_class"]}

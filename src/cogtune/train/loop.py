@@ -24,8 +24,8 @@ from ..data.sources import load_dataset
 from ..errors import CogtuneError
 from ..models.cogvideox import CogVideoXSpec, resolve_variant
 from .encode import collate, encode_samples
-from .lora import add_lora, save_lora
 from .metrics import MetricsLog
+from .outputs import save_outputs
 
 log = logging.getLogger("cogtune")
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,13 +37,19 @@ class TrainResult:
     steps: int
     clips: int
     skipped: list[str]
-    lora_path: Path | None
+    outputs: dict[str, Path]
     transformer: torch.nn.Module = field(repr=False)
     spec: object = field(repr=False)
 
+    @property
+    def lora_path(self) -> Path | None:
+        return self.outputs.get("lora")
 
-def step_generator(seed: int, micro_step: int, rank: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + micro_step * 4099 + rank)
+
+def sample_generators(seed: int, step: int, first_position: int, count: int) -> list[torch.Generator]:
+    """One generator per sample, keyed by (seed, optimizer step, position in the global batch): the same sample gets
+    the same latents, timestep and noise whatever the number of processes or accumulation steps."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + step * 8191 + first_position + i) for i in range(count)]
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -55,7 +61,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
 
 
 @torch.no_grad()
-def heldout_loss(spec, transformer, items: list[dict], seed: int, weighting: str, device) -> float:
+def heldout_loss(spec, transformer, items: list[dict], seed: int, loss_cfg, device) -> float:
     """Loss on fixed clips, latents, noise and timesteps: comparable across steps and runs."""
     was_training = transformer.training
     transformer.eval()
@@ -63,10 +69,43 @@ def heldout_loss(spec, transformer, items: list[dict], seed: int, weighting: str
     for i, item in enumerate(items):
         batch = collate([item], device)
         for t in HELDOUT_TIMESTEPS:
-            gen = torch.Generator().manual_seed(seed + 1000 * i + t)
-            total += spec.training_loss(transformer, batch, gen, torch.tensor([t]), weighting).item()
+            gens = [torch.Generator().manual_seed(seed + 1000 * i + t)]
+            total += spec.training_loss(transformer, batch, gens, torch.tensor([t]), loss_cfg).item()
     transformer.train(was_training)
     return total / (len(items) * len(HELDOUT_TIMESTEPS))
+
+
+def prepare_model(spec, cfg: TrainConfig, device) -> list[torch.nn.Parameter]:
+    """Make the trainable parameters (LoRA adapters or the whole transformer) and apply the memory switches."""
+    transformer = spec.transformer
+    if cfg.method == "lora":
+        from .lora import add_lora
+
+        add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
+    else:
+        transformer.requires_grad_(True)
+    spec.to(device, WEIGHT_DTYPES[cfg.mixed_precision])
+    if cfg.memory.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if cfg.memory.offload_encoders:
+        spec.offload_encoders(keep_vae=spec.variant.i2v and cfg.i2v.image_noise)
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def make_validator(spec, cfg: TrainConfig):
+    v = cfg.validation
+    if not v.prompts:
+        return None
+    if spec.variant.i2v and len(v.images) != len(v.prompts):
+        raise CogtuneError(f"validation.images: {spec.variant_name} needs one image per prompt "
+                           f"({len(v.prompts)} prompts, {len(v.images)} images)")
+    for path in v.images:
+        if not Path(path).is_file():
+            raise CogtuneError(f"validation.images: {path} does not exist")
+    from ..infer.validate import Validator
+
+    return Validator(spec, v, v.frames or cfg.data.frames, v.height or cfg.data.height, v.width or cfg.data.width,
+                     spec.variant.fps)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -74,13 +113,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     problem = variant.check_frames(cfg.data.frames)
     if problem:
         raise CogtuneError(f"data.frames={cfg.data.frames}: {problem}")
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps
-    )
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise CogtuneError("mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
     set_seed(cfg.seed)
-    main = accelerator.is_main_process
+    main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
     out = Path(cfg.output_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -88,42 +125,41 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     spec = CogVideoXSpec.load(cfg.model.path, cfg.model.variant)
     spec.check_size(cfg.data.frames, cfg.data.height, cfg.data.width)
-    samples = load_dataset(cfg.data.root)
-    items, skipped = encode_samples(spec, samples, cfg.data, show_progress=main)
+    spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
+    spec.encoders_to(device)
+    items, skipped = encode_samples(spec, load_dataset(cfg.data.root), cfg.data, show_progress=main)
+    validator = make_validator(spec, cfg)
     log.info("encoded %d clips, skipped %d", len(items), len(skipped))
 
+    params = prepare_model(spec, cfg, device)
     transformer = spec.transformer
-    add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
-    spec.to(accelerator.device, WEIGHT_DTYPES[cfg.mixed_precision])
-    params = [p for p in transformer.parameters() if p.requires_grad]
     o = cfg.optimizer
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor
-    world = accelerator.num_processes
-    lr_scheduler = get_scheduler(
-        cfg.lr_scheduler.name, optimizer, num_warmup_steps=cfg.lr_scheduler.warmup_steps * world,
-        num_training_steps=cfg.max_steps * world,
-    )
+    lr_scheduler = get_scheduler(cfg.lr_scheduler.name, optimizer, num_warmup_steps=cfg.lr_scheduler.warmup_steps * world,
+                                 num_training_steps=cfg.max_steps * world)
     model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     transformer.train()
 
     metrics = MetricsLog(out / "logs", enabled=main)
     heldout = items[: cfg.validation.heldout_clips]
-    device, weighting = accelerator.device, cfg.loss.weighting
 
-    def log_heldout(step: int) -> None:
+    def validate(step: int) -> None:
         if cfg.validation.heldout_loss and main:
-            metrics.log(step, heldout_loss=heldout_loss(spec, transformer, heldout, cfg.seed, weighting, device))
+            metrics.log(step, heldout_loss=heldout_loss(spec, transformer, heldout, cfg.seed, cfg.loss, device))
+        if validator is not None and main and step > 0:
+            validator(transformer, out / "validation" / f"step-{step}", device, accelerator.autocast, metrics.tensorboard, step)
 
-    log_heldout(0)
+    validate(0)
     bar = tqdm(total=cfg.max_steps, desc="training", disable=not main, dynamic_ncols=True)
     step, micro, epoch, t0 = 0, 0, 0, time.perf_counter()
     while step < cfg.max_steps:
-        for indices in epoch_batches(len(items), cfg.batch_size, cfg.seed, epoch, accelerator.process_index, accelerator.num_processes):
+        for indices in epoch_batches(len(items), cfg.batch_size, cfg.seed, epoch, accelerator.process_index, world):
             batch = collate([items[i] for i in indices], device)
             with accelerator.accumulate(model):
-                gen = step_generator(cfg.seed, micro, accelerator.process_index)
-                loss = spec.training_loss(model, batch, gen, weighting=weighting)
+                position = ((micro % cfg.gradient_accumulation_steps) * world + accelerator.process_index) * len(indices)
+                gens = sample_generators(cfg.seed, step, position, len(indices))
+                loss = spec.training_loss(model, batch, gens, loss_cfg=cfg.loss, i2v_cfg=cfg.i2v)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params, o.max_grad_norm)
@@ -135,25 +171,22 @@ def train(cfg: TrainConfig) -> TrainResult:
                 continue
             step += 1
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            lr = lr_scheduler.get_last_lr()[0]
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                metrics.log(step, loss=loss_value, lr=lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                metrics.log(step, loss=loss_value, lr=lr, grad_norm=float(grad_norm),
                             elapsed_s=round(time.perf_counter() - t0, 3))
             if cfg.validation.every_steps and step % cfg.validation.every_steps == 0 and step < cfg.max_steps:
-                log_heldout(step)
+                validate(step)
             if step >= cfg.max_steps:
                 break
         epoch += 1
     bar.close()
-    log_heldout(step)
+    validate(step)
 
     accelerator.wait_for_everyone()
-    lora_path = None
-    if main:
-        info = {"variant": spec.variant_name, "base_model": str(Path(cfg.model.path).resolve()), "method": cfg.method,
-                "frames": cfg.data.frames, "height": cfg.data.height, "width": cfg.data.width, "steps": step}
-        lora_path = save_lora(accelerator.unwrap_model(model), out / "lora", info)
+    outputs = save_outputs(accelerator, model, spec, cfg, step) if main else {}
     metrics.close()
     accelerator.end_training()
-    return TrainResult(step, len(items), skipped, lora_path, accelerator.unwrap_model(model), spec)
+    return TrainResult(step, len(items), skipped, outputs, accelerator.unwrap_model(model), spec)

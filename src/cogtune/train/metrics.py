@@ -17,6 +17,10 @@ class MetricsLog:
             self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
 
+    @property
+    def tensorboard(self) -> SummaryWriter | None:
+        return self._tb if self.enabled else None
+
     def log(self, step: int, **values: float) -> None:
         if not self.enabled:
             return
