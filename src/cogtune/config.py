@@ -24,14 +24,33 @@ class ModelConfig(_Section):
     variant: str | None = None  # read from the model folder when not given
 
 
+class BucketConfig(_Section):
+    # Resolutions as [[h, w], ...], or an area (pixels) with aspect ratios ("16:9" or 1.78); a clip goes to the
+    # nearest aspect it can cover without upscaling (unless allow_upscale) and the largest frame count it can fill.
+    resolutions: list[tuple[int, int]] = []
+    area: int | None = Field(None, gt=0)
+    aspect_ratios: list[str | float] = []
+    frames: list[int] = []  # empty: data.frames only
+    allow_upscale: bool = False
+
+
 class DataConfig(_Section):
-    root: Path
+    root: Path  # official layout folder, a metadata.csv/.jsonl table (or its folder), or videos with .txt captions
     frames: int = Field(49, ge=1)
     height: int = Field(480, ge=8)
     width: int = Field(720, ge=8)
-    sampling: Literal["uniform", "head"] = "uniform"
+    # uniform: spread over the clip; head: the first frames; random: a random window; fps: resample to target_fps,
+    # then take a window (centred, or random with window: random)
+    sampling: Literal["uniform", "head", "random", "fps"] = "uniform"
+    target_fps: float | None = Field(None, gt=0)  # fps mode; None: the variant's (8 for 1.0, 16 for 1.5)
+    window: Literal["center", "random"] = "center"
+    # clips too short (or too slow in fps mode): skip (reason logged), pad_last, loop, slow (repeat frames),
+    # interpolate (blend neighbours), smaller (the largest allowed frame count the clip can fill)
+    short_clips: Literal["skip", "pad_last", "loop", "slow", "interpolate", "smaller"] = "skip"
     crop: Literal["center", "random", "stretch"] = "center"
-    num_workers: int = Field(0, ge=0)
+    buckets: BucketConfig | None = None
+    cache_dir: Path | None = None  # None: {output_dir}/cache
+    num_workers: int = Field(2, ge=0)
 
     @field_validator("height", "width")
     @classmethod
@@ -107,6 +126,18 @@ class ValidationConfig(_Section):
     width: int | None = None
 
 
+class DistributedConfig(_Section):
+    # auto: ddp when several processes, nothing when one. zero*: DeepSpeed (config generated from this file;
+    # deepspeed_config: a JSON whose keys override the generated ones). fsdp2: torch FSDP2 through accelerate.
+    strategy: Literal["auto", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp2"] = "auto"
+    deepspeed_config: Path | None = None
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(0, ge=0)  # 0: only on SIGTERM/SIGINT
+    keep_last: int | None = Field(3, ge=1)
+
+
 class TrainConfig(_Section):
     model: ModelConfig
     data: DataConfig
@@ -126,6 +157,10 @@ class TrainConfig(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     log_every: int = Field(1, ge=1)
+    distributed: DistributedConfig = DistributedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    resume: str | None = None  # latest (error if none), auto (latest or fresh), or a checkpoint-N path
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,20 +1,44 @@
 """Dataset formats on disk -> a list of `Sample`s. Knows no model.
 
-Official CogVideoX layout (the one the upstream finetune scripts read):
-    root/prompts.txt   one caption per line
-    root/videos.txt    one video path per line, relative to root (absolute paths are kept)
-    root/images.txt    optional, one image per line (I2V first frames), relative to root
-Line i of each file belongs to the same sample.
+Three layouts; `load_dataset(path)` recognises them:
+
+1. Official CogVideoX layout (what the upstream finetune scripts read), a folder with
+       prompts.txt   one caption per line
+       videos.txt    one video path per line, relative to the folder (absolute paths are kept)
+       images.txt    optional, one image per line (I2V first frames)
+   Line i of each file belongs to the same sample. `path` may also be the videos.txt file itself.
+2. A table: a .csv (header row) or .jsonl (one object per line) with columns
+       video (or file_name)   path relative to the table's folder
+       caption (or text, prompt)
+       image                  optional, I2V first frame
+       start, end             optional, seconds: only the frames with start <= t < end are used
+   `path` is the table file, or a folder holding `metadata.csv` or `metadata.jsonl` (exactly one of them).
+3. A folder of videos (searched recursively; .mp4 .mov .mkv .webm .avi .m4v) with a caption beside each:
+   clip.mp4 + clip.txt (UTF-8, whole file = caption, lines joined with spaces).
+
+Loading never stops at a problem with one clip: each `Sample` carries its `problems` ("keyword: what, where, fix").
+`load_dataset(path, strict=True)` raises the first one as a CogtuneError; `strict=False` returns every sample
+(callers skip those with problems) and logs dataset-level problems (lists of different length).
+`read_dataset(path)` gives samples and dataset-level problems for reports (`cogtune data check`).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from cogtune.errors import CogtuneError
+
+log = logging.getLogger("cogtune")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+TABLE_NAMES = ("metadata.csv", "metadata.jsonl")
+VIDEO_COLUMNS, CAPTION_COLUMNS = ("video", "file_name"), ("caption", "text", "prompt")
 
 
 @dataclass(frozen=True)
@@ -23,84 +47,311 @@ class Sample:
     caption: str
     listed: str = ""  # the video path as written in the dataset, for messages and reports
     image: Path | None = None
+    start: float | None = None  # seconds; only frames with start <= t < end are used
+    end: float | None = None
+    problems: tuple[str, ...] = ()  # "keyword: message"; a sample with problems is not trained on
+    where: str = ""  # where it is listed, e.g. "videos.txt line 3", for messages
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
-def read_lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 text file, stripped; trailing blank lines dropped, a blank line in between is an error."""
+@dataclass
+class DatasetListing:
+    samples: list[Sample]
+    problems: list[str] = field(default_factory=list)  # about the dataset as a whole, "keyword: message"
+    layout: str = ""
+    source: Path = Path()  # the list, table or folder that was read
+
+
+def problem_text(problem: str) -> str:
+    """'missing: video x ...' -> 'video x ...' (the keyword is for reports, the text for error lines)."""
+    head, sep, rest = problem.partition(": ")
+    return rest if sep and " " not in head else problem
+
+
+def _decode(raw: bytes, what: str) -> tuple[str, str | None]:
+    """UTF-8 text (BOM dropped) and None, or "" and a caption-encoding problem."""
+    if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM, as some editors write
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return "", f"caption-encoding: {what} is not valid UTF-8 (byte {e.start + 1}); save the file as UTF-8"
+
+
+def _read_list(path: Path) -> list[tuple[str, str | None]]:
+    """Lines of a list file as (stripped text, encoding problem or None); trailing blank lines dropped."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise CogtuneError(f"cannot read {path}: {e.strerror}; check the path and permissions") from e
-    if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM, as some editors write
+    if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
-    lines: list[str] = []
-    for n, line in enumerate(raw.split(b"\n"), start=1):
-        try:
-            lines.append(line.decode("utf-8").strip())
-        except UnicodeDecodeError as e:
-            raise CogtuneError(f"{path} line {n} is not valid UTF-8 (byte {e.start + 1}); "
-                               "save the file as UTF-8") from None
-    while lines and not lines[-1]:
+    lines = [_decode(line, f"{path} line {n}") for n, line in enumerate(raw.split(b"\n"), start=1)]
+    lines = [(text.strip(), bad) for text, bad in lines]
+    while lines and not lines[-1][0] and not lines[-1][1]:
         lines.pop()
-    for n, line in enumerate(lines, start=1):
-        if not line:
-            raise CogtuneError(f"{path} line {n} is blank; line i of each list belongs to the same sample, "
-                               "so fill it in or remove that line from every list")
     return lines
 
 
-def load_official(root: str | os.PathLike, prompts: str = "prompts.txt", videos: str = "videos.txt",
-                  images: str = "images.txt", check_exists: bool = True) -> list[Sample]:
-    """Read the official layout. `images` is used only if that file exists."""
+def read_lines(path: Path) -> list[str]:
+    """Lines of a UTF-8 text file, stripped; trailing blank lines dropped, a blank line in between is an error."""
+    lines = []
+    for n, (text, bad) in enumerate(_read_list(path), start=1):
+        if bad:
+            raise CogtuneError(problem_text(bad))
+        if not text:
+            raise CogtuneError(f"{path} line {n} is blank; line i of each list belongs to the same sample, "
+                               "so fill it in or remove that line from every list")
+        lines.append(text)
+    return lines
+
+
+def _missing(kind: str, file: Path, where: str, relative_to: Path) -> str:
+    return (f"missing: {kind} {file} listed on {where} does not exist; "
+            f"fix the path (relative to {relative_to}) or remove the line")
+
+
+def read_official(root: str | os.PathLike, prompts: str = "prompts.txt", videos: str = "videos.txt",
+                  images: str = "images.txt", check_exists: bool = True) -> DatasetListing:
+    """Read the official layout without stopping at problems. `images` is used only if that file exists."""
     root = Path(root).resolve()
     prompt_file, video_file, image_file = root / prompts, root / videos, root / images
     for f in (prompt_file, video_file):
         if not f.is_file():
             raise CogtuneError(f"{f} not found; the official layout needs {prompts} and {videos} in {root}")
-    captions, paths = read_lines(prompt_file), read_lines(video_file)
+    captions, paths = _read_list(prompt_file), _read_list(video_file)
+    image_lines = _read_list(image_file) if image_file.is_file() else None
+    listing = DatasetListing([], layout="official", source=video_file)
     if len(captions) != len(paths):
-        raise CogtuneError(f"{prompt_file} has {len(captions)} lines but {video_file} has {len(paths)}; "
-                           "each video needs exactly one caption on the same line")
-    image_paths: list[str | None] = [None] * len(paths)
-    if image_file.is_file():
-        image_paths = list(read_lines(image_file))
-        if len(image_paths) != len(paths):
-            raise CogtuneError(f"{image_file} has {len(image_paths)} lines but {video_file} has {len(paths)}; "
-                               "each video needs exactly one image on the same line")
-    samples = [Sample(video=(video_file.parent / p).resolve(), caption=c, listed=p,
-                      image=(image_file.parent / i).resolve() if i else None)
-               for c, p, i in zip(captions, paths, image_paths)]
-    if not samples:
-        raise CogtuneError(f"{video_file} lists no videos; add one video path per line")
-    if check_exists:
-        _check_exists(samples, video_file, image_file)
-    return samples
+        listing.problems.append(f"list-mismatch: {prompt_file} has {len(captions)} lines but {video_file} has "
+                                f"{len(paths)}; each video needs exactly one caption on the same line")
+    if image_lines is not None and len(image_lines) != len(paths):
+        listing.problems.append(f"list-mismatch: {image_file} has {len(image_lines)} lines but {video_file} has "
+                                f"{len(paths)}; each video needs exactly one image on the same line")
+    if not paths:
+        listing.problems.append(f"empty: {video_file} lists no videos; add one video path per line")
+    for n, (rel, bad_path) in enumerate(paths, start=1):
+        problems: list[str] = []
+        where = f"line {n} of {video_file}"
+        if bad_path:
+            problems.append(bad_path.replace("caption-encoding", "missing", 1))
+        elif not rel:
+            problems.append(f"missing: {video_file} line {n} is blank; fill it in or remove that line from "
+                            "every list")
+        caption = ""
+        if n > len(captions):
+            problems.append(f"no-caption: {where} has no caption ({prompt_file} has only {len(captions)} lines); "
+                            "add its caption on the same line")
+        else:
+            caption, bad = captions[n - 1]
+            if bad:
+                problems.append(bad)
+            elif not caption:
+                problems.append(f"empty-caption: {prompt_file} line {n} is blank; line i of each list belongs to "
+                                "the same sample, so fill it in or remove that line from every list")
+        video = (video_file.parent / rel).resolve()
+        if rel and not bad_path and check_exists and not video.is_file():
+            problems.append(_missing("video", video, where, video_file.parent))
+        image = None
+        if image_lines is not None and n <= len(image_lines):
+            img, bad_img = image_lines[n - 1]
+            image = (image_file.parent / img).resolve() if img and not bad_img else None
+            if bad_img or not img:
+                problems.append(f"missing-image: {image_file} line {n} is blank or not UTF-8; fix that line")
+            elif check_exists and not image.is_file():
+                problems.append(_missing("image", image, f"line {n} of {image_file}", image_file.parent)
+                                .replace("missing:", "missing-image:", 1))
+        listing.samples.append(Sample(video, caption, rel, image, problems=tuple(problems), where=where))
+    return listing
 
 
-def _check_exists(samples: list[Sample], video_file: Path, image_file: Path) -> None:
-    for kind, listing, files in (("video", video_file, [s.video for s in samples]),
-                                 ("image", image_file, [s.image for s in samples if s.image is not None])):
-        missing = [(n, f) for n, f in enumerate(files, start=1) if not f.is_file()]
-        if missing:
-            n, f = missing[0]
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise CogtuneError(f"{kind} {f} listed on line {n} of {listing} does not exist{more}; "
-                               "fix the path (relative to the list's folder) or remove the line")
+def _number(value: Any, name: str, where: str) -> tuple[float | None, str | None]:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None, f"bad-time: {where}: {name} {value!r} is not a number of seconds; write e.g. 2.5"
+    if not x >= 0 or x == float("inf"):
+        return None, f"bad-time: {where}: {name} {value!r} must be a finite number of seconds >= 0"
+    return x, None
 
 
-# Layouts load_dataset knows: (name, files that identify it, loader). New formats add a row.
-LAYOUTS: list[tuple[str, tuple[str, ...], Callable[[Path], list[Sample]]]] = [
-    ("official CogVideoX (prompts.txt + videos.txt)", ("prompts.txt", "videos.txt"), load_official),
-]
+def _pick(row: dict[str, Any], names: tuple[str, ...]) -> Any:
+    return next((row[n] for n in names if n in row), None)
 
 
-def load_dataset(root: str | os.PathLike) -> list[Sample]:
-    """Recognise the layout of the dataset folder `root` and load it."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CogtuneError(f"dataset folder {root} does not exist; give the folder that holds the dataset")
-    for _name, marks, loader in LAYOUTS:
-        if all((root / m).is_file() for m in marks):
-            return loader(root)
-    expected = "; or ".join(name for name, _, _ in LAYOUTS)
-    raise CogtuneError(f"{root} is not a dataset folder cogtune recognises; expected {expected}")
+def _table_sample(row: dict[str, Any], where: str, folder: Path, check_exists: bool) -> Sample:
+    problems: list[str] = []
+    rel = _pick(row, VIDEO_COLUMNS)
+    rel = "" if rel is None else str(rel).strip()
+    caption = _pick(row, CAPTION_COLUMNS)
+    if not rel:
+        problems.append(f"missing: {where} has no video path; fill in its 'video' column or remove the row")
+    video = (folder / rel).resolve()
+    if rel and check_exists and not video.is_file():
+        problems.append(_missing("video", video, where, folder))
+    if caption is None:
+        problems.append(f"no-caption: {where} has no caption; fill in its 'caption' column")
+        caption = ""
+    caption = str(caption).strip()
+    if any("\udc80" <= ch <= "\udcff" for ch in caption):  # bytes that were not UTF-8 (surrogateescape)
+        problems.append(f"caption-encoding: {where}: the caption is not valid UTF-8; save the table as UTF-8")
+        caption = caption.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    elif not caption and not any(p.startswith("no-caption") for p in problems):
+        problems.append(f"empty-caption: {where} has an empty caption; write one or remove the row")
+    image_rel = str(row.get("image") or "").strip()
+    image = (folder / image_rel).resolve() if image_rel else None
+    if image is not None and check_exists and not image.is_file():
+        problems.append(_missing("image", image, where, folder).replace("missing:", "missing-image:", 1))
+    start, bad_start = _number(row.get("start"), "start", where)
+    end, bad_end = _number(row.get("end"), "end", where)
+    problems += [p for p in (bad_start, bad_end) if p]
+    if start is not None and end is not None and end <= start:
+        problems.append(f"bad-time: {where}: end {end:g}s is not after start {start:g}s; fix start/end")
+    return Sample(video, caption, rel, image, start, end, tuple(problems), where)
+
+
+def read_table(path: str | os.PathLike, check_exists: bool = True) -> DatasetListing:
+    """Read a .csv or .jsonl table (columns in the module doc) without stopping at per-row problems."""
+    path = Path(path).resolve()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CogtuneError(f"cannot read {path}: {e.strerror}; check the path and permissions") from e
+    # surrogateescape keeps undecodable bytes, so one bad caption marks one row instead of the whole table
+    text = raw.decode("utf-8-sig", "surrogateescape")
+    listing = DatasetListing([], layout="table", source=path)
+    rows: list[tuple[str, dict[str, Any]]] = []
+    if path.suffix.lower() == ".jsonl":
+        for n, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                listing.problems.append(f"bad-row: {path} line {n} is not valid JSON ({e.msg}); fix or remove it")
+                continue
+            if not isinstance(obj, dict):
+                listing.problems.append(f"bad-row: {path} line {n} is not a JSON object; write {{\"video\": ...}}")
+                continue
+            rows.append((f"line {n} of {path}", obj))
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = [h.strip() for h in reader.fieldnames or []]
+        reader.fieldnames = header
+        if not any(c in header for c in VIDEO_COLUMNS) or not any(c in header for c in CAPTION_COLUMNS):
+            raise CogtuneError(f"{path} needs a header row with columns 'video' and 'caption' (got "
+                               f"{', '.join(header) or 'none'}); add it as the first line")
+        first_line = reader.line_num + 1
+        for row in reader:  # a quoted caption may span lines: name the row by its first line
+            rows.append((f"line {first_line} of {path}", {k: v for k, v in row.items() if k is not None}))
+            first_line = reader.line_num + 1
+    for where, row in rows:
+        listing.samples.append(_table_sample(row, where, path.parent, check_exists))
+    if not rows:
+        listing.problems.append(f"empty: {path} has no rows; add one row per clip")
+    return listing
+
+
+def read_captioned_folder(root: str | os.PathLike) -> DatasetListing:
+    """Read a folder of videos, each with a same-named .txt caption beside it (searched recursively)."""
+    root = Path(root).resolve()
+    listing = DatasetListing([], layout="folder", source=root)
+    for video in _videos_under(root):
+        rel = video.relative_to(root).as_posix()
+        txt = video.with_suffix(".txt")
+        problems: list[str] = []
+        caption = ""
+        if not txt.is_file():
+            problems.append(f"no-caption: {video} has no caption file {txt.name} beside it; write one (UTF-8)")
+        else:
+            caption, bad = _decode(txt.read_bytes(), str(txt))
+            caption = " ".join(line.strip() for line in caption.splitlines() if line.strip())
+            if bad:
+                problems.append(bad)
+            elif not caption:
+                problems.append(f"empty-caption: {txt} is empty; write the caption into it")
+        listing.samples.append(Sample(video, caption, rel, problems=tuple(problems), where=str(video)))
+    if not listing.samples:
+        listing.problems.append(f"empty: {root} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+    return listing
+
+
+def _videos_under(root: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in filenames
+                  if not f.startswith(".") and Path(f).suffix.lower() in VIDEO_SUFFIXES]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _layouts_in(root: Path) -> list[tuple[str, Callable[[], DatasetListing]]]:
+    found: list[tuple[str, Callable[[], DatasetListing]]] = []
+    if (root / "prompts.txt").is_file() and (root / "videos.txt").is_file():
+        found.append(("prompts.txt + videos.txt", lambda: read_official(root)))
+    for name in TABLE_NAMES:
+        if (root / name).is_file():
+            found.append((name, lambda name=name: read_table(root / name)))
+    return found
+
+
+def read_dataset(path: str | os.PathLike) -> DatasetListing:
+    """Recognise the layout at `path` (see the module doc) and read it, keeping every problem in the listing.
+
+    Raises CogtuneError only when `path` is not a dataset at all, or names two layouts at once.
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() in (".csv", ".jsonl"):
+            return read_table(path)
+        if path.name in ("videos.txt", "prompts.txt"):
+            return read_official(path.parent)
+        raise CogtuneError(f"{path} is not a dataset file cogtune reads; give a .csv or .jsonl table, "
+                           "videos.txt, or the dataset folder")
+    if not path.is_dir():
+        raise CogtuneError(f"dataset folder {path} does not exist; give the folder that holds the dataset")
+    found = _layouts_in(path)
+    if len(found) > 1:
+        raise CogtuneError(f"{path} holds {' and '.join(n for n, _ in found)}; pass the one you mean "
+                           f"(e.g. {path / found[-1][0].split(' ')[0]}) or remove the other")
+    if found:
+        return found[0][1]()
+    if _videos_under(path):
+        return read_captioned_folder(path)
+    raise CogtuneError(f"{path} is not a dataset folder cogtune recognises; expected official CogVideoX "
+                       f"(prompts.txt + videos.txt); or a table ({' or '.join(TABLE_NAMES)}); "
+                       "or videos with a same-named .txt caption beside each")
+
+
+def load_dataset(path: str | os.PathLike, strict: bool = True) -> list[Sample]:
+    """Load the dataset at `path` (a folder or a table file; see the module doc).
+
+    strict=True: the first problem (dataset-level first) is raised as a one-line CogtuneError.
+    strict=False: every sample is returned, those with problems too (skip them); dataset-level problems are logged.
+    """
+    listing = read_dataset(path)
+    if strict:
+        if listing.problems:
+            raise CogtuneError(problem_text(listing.problems[0]))
+        bad = [s for s in listing.samples if s.problems]
+        if bad:
+            more = sum(len(s.problems) for s in bad) - 1
+            raise CogtuneError(problem_text(bad[0].problems[0]) + (f" (and {more} more problems)" if more else ""))
+    else:
+        for p in listing.problems:
+            log.warning("dataset %s: %s", listing.source, p)
+    return listing.samples
+
+
+def load_official(root: str | os.PathLike, prompts: str = "prompts.txt", videos: str = "videos.txt",
+                  images: str = "images.txt", check_exists: bool = True) -> list[Sample]:
+    """Read the official layout; the first problem is raised as a CogtuneError."""
+    listing = read_official(root, prompts, videos, images, check_exists)
+    for p in listing.problems + [p for s in listing.samples for p in s.problems]:
+        raise CogtuneError(problem_text(p))
+    return listing.samples

@@ -7,17 +7,19 @@ import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Sequence, Union
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cogtune.data.frames import FramePlan, plan_frames
 from cogtune.errors import CogtuneError
 
 PathLike = Union[str, os.PathLike]
-FRAME_MODES = ("uniform", "head", "random")
+FRAME_MODES = ("uniform", "head", "random")  # what frame_indices takes; plan_frames also has "fps"
+SEEK_MIN_FRAMES = 64  # decode from the start when the first needed frame is closer than this
 CROP_MODES = ("center", "random", "stretch")
 
 
@@ -67,62 +69,104 @@ def probe(path: PathLike) -> VideoInfo:
 
 
 def frame_indices(total: int, want: int, mode: str = "uniform", rng: np.random.Generator | None = None) -> list[int]:
-    """Which frames of a `total`-frame clip to use.
+    """Which frames of a `total`-frame clip to use (uniform, head or random; see `cogtune.data.frames`).
 
-    uniform: `want` frames spread evenly over the whole clip (first and last included).
-    head:    the first `want` frames.
-    random:  `want` consecutive frames starting at a random frame (uses `rng`).
+    Kept for callers of the first release; `plan_frames` adds fps resampling, segments and short-clip policies.
     """
-    if want < 1:
-        raise CogtuneError(f"frames must be at least 1 (got {want}); set a positive frame count")
-    if total < want:
-        raise CogtuneError(f"clip has {total} frames but {want} are needed; use longer clips or fewer frames")
-    if mode == "uniform":
-        if want == 1:
-            return [0]
-        return [round(i * (total - 1) / (want - 1)) for i in range(want)]
-    if mode == "head":
-        return list(range(want))
-    if mode == "random":
-        start = int((rng or np.random.default_rng()).integers(0, total - want + 1))
-        return list(range(start, start + want))
-    raise CogtuneError(f"unknown frame sampling mode {mode!r}; use one of {', '.join(FRAME_MODES)}")
+    if mode == "fps":
+        raise CogtuneError("frame_indices has no target fps; use cogtune.data.frames.plan_frames for mode 'fps'")
+    plan = plan_frames(total, 0.0, want, mode, rng=rng)
+    if not plan.ok:
+        raise CogtuneError(_reason_text(plan.reason or ""))
+    return list(plan.indices)
 
 
-def read_frames(path: PathLike, indices: list[int]) -> np.ndarray:
+def _reason_text(reason: str) -> str:
+    """'too-short: clip has ...' -> 'clip has ...' (the keyword is for reports, the text for error lines)."""
+    head, sep, rest = reason.partition(": ")
+    return rest if sep and " " not in head else reason
+
+
+def _rotate(img: np.ndarray, rotation: float) -> np.ndarray:
+    # PyAV's frame.rotation is the display matrix angle, counter-clockwise; np.rot90 turns counter-clockwise too
+    k = round(rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(img, k)) if k else img
+
+
+def _seek_start(container: av.container.InputContainer, stream: av.video.stream.VideoStream, first: int) -> int:
+    """Seek to a keyframe at or before frame `first` of a long clip; return the frame index decoding resumes at.
+
+    Indices come from timestamps (index = (pts - start) * fps), which equals the decode count for constant frame
+    rate files. Returns 0 (no seek) for short offsets or when the rate or timestamps are unknown.
+    """
+    rate = stream.average_rate or stream.guessed_rate
+    if first < SEEK_MIN_FRAMES or not rate or stream.time_base is None:
+        return 0
+    start = stream.start_time or 0
+    target = start + int((first - 0.5) / float(rate) / float(stream.time_base))
+    container.seek(max(start, target), stream=stream, backward=True, any_frame=False)
+    return -1  # the index of the next frame is read from its timestamp
+
+
+def _decode(path: PathLike, wanted: set[int], autorotate: bool,
+            seek: bool = True) -> tuple[dict[int, np.ndarray], int]:
+    """Decode frames `wanted` (RGB uint8); return them and how many frames were seen. Stops after the last one."""
+    got: dict[int, np.ndarray] = {}
+    last, seen = max(wanted), 0
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+        tb, t0 = float(stream.time_base or 0), stream.start_time or 0
+        i = _seek_start(container, stream, min(wanted)) if seek else 0
+        try:
+            for frame in container.decode(stream):
+                if i < 0:  # after a seek: place the first frame by its timestamp
+                    if frame.pts is None or round((frame.pts - t0) * tb * rate) > min(wanted):
+                        return _decode(path, wanted, autorotate, seek=False)  # seek overshot: go the slow way
+                    i = round((frame.pts - t0) * tb * rate)
+                seen = i + 1
+                if i in wanted:
+                    img = frame.to_ndarray(format="rgb24")
+                    got[i] = _rotate(img, getattr(frame, "rotation", 0) or 0) if autorotate else img
+                if i >= last:
+                    break
+                i += 1
+        except av.error.FFmpegError as e:
+            raise CogtuneError(f"cannot decode video {path}: {e}; the file may be corrupt, re-encode it") from e
+    return got, seen
+
+
+def read_frames(path: PathLike, indices: Sequence[int], autorotate: bool = True) -> np.ndarray:
     """Decode frames `indices` (any order, repeats allowed) as uint8 RGB [F, H, W, 3].
 
-    Decodes sequentially from the start and stops after the last wanted frame.
+    Decodes each needed frame once and stops after the last one; a long clip whose first needed frame is far in
+    starts from the nearest keyframe before it. With autorotate, frames of a file with display-rotation
+    metadata (phone videos) are turned upright, as players show them.
     """
     wanted = set(indices)
     if any(i < 0 for i in wanted):
         raise ValueError(f"frame indices must be >= 0, got {sorted(wanted)[:3]}")
-    got: dict[int, np.ndarray] = {}
-    with _open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        if not wanted:
-            return np.zeros((0, stream.codec_context.height, stream.codec_context.width, 3), np.uint8)
-        last, decoded = max(wanted), 0
-        try:
-            for i, frame in enumerate(container.decode(stream)):
-                decoded = i + 1
-                if i in wanted:
-                    got[i] = frame.to_ndarray(format="rgb24")
-                if i >= last:
-                    break
-        except av.error.FFmpegError as e:
-            raise CogtuneError(f"cannot decode video {path}: {e}; the file may be corrupt, re-encode it") from e
-    if len(got) < len(wanted):
-        raise CogtuneError(f"{path} decodes to {decoded} frames but frame {last} is needed; "
-                           "the file may be truncated, re-encode it or use fewer frames")
+    if not wanted:
+        with _open(path) as container:
+            ctx = container.streams.video[0].codec_context
+            return np.zeros((0, ctx.height, ctx.width, 3), np.uint8)
+    got = _decode_needed(path, wanted, autorotate)
     return np.stack([got[i] for i in indices])
 
 
-def _resize_crop_tensor(x: torch.Tensor, height: int, width: int, crop: str,
-                        rng: np.random.Generator | None) -> torch.Tensor:
-    """x float [F, C, H, W] -> [F, C, height, width]."""
-    h, w = x.shape[-2:]
+def _decode_needed(path: PathLike, wanted: Iterable[int], autorotate: bool = True) -> dict[int, np.ndarray]:
+    wanted = set(wanted)
+    got, seen = _decode(path, wanted, autorotate)
+    if len(got) < len(wanted):
+        raise CogtuneError(f"{path} decodes to {seen} frames but frame {max(wanted)} is needed; "
+                           "the file may be truncated, re-encode it or use fewer frames")
+    return got
+
+
+def _geometry(h: int, w: int, height: int, width: int, crop: str,
+              rng: np.random.Generator | None) -> tuple[tuple[int, int], int, int]:
+    """-> (resized size, crop top, crop left) that turn an h x w frame into height x width."""
     if crop == "stretch":
         size = (height, width)
     elif crop in ("center", "random"):
@@ -130,15 +174,25 @@ def _resize_crop_tensor(x: torch.Tensor, height: int, width: int, crop: str,
         size = (max(height, round(h * scale)), max(width, round(w * scale)))
     else:
         raise CogtuneError(f"unknown crop mode {crop!r}; use one of {', '.join(CROP_MODES)}")
-    if size != (h, w):
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     dh, dw = size[0] - height, size[1] - width
     if crop == "random":
         rng = rng or np.random.default_rng()
-        top, left = int(rng.integers(0, dh + 1)), int(rng.integers(0, dw + 1))
-    else:
-        top, left = dh // 2, dw // 2
-    return x[..., top:top + height, left:left + width]
+        return size, int(rng.integers(0, dh + 1)), int(rng.integers(0, dw + 1))
+    return size, dh // 2, dw // 2
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """float [F, C, H, W] -> [F, C, *size] (antialiased bilinear); unchanged if already that size."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def _resize_crop_tensor(x: torch.Tensor, height: int, width: int, crop: str,
+                        rng: np.random.Generator | None) -> torch.Tensor:
+    """x float [F, C, H, W] -> [F, C, height, width]."""
+    size, top, left = _geometry(x.shape[-2], x.shape[-1], height, width, crop, rng)
+    return _resize(x, size)[..., top:top + height, left:left + width]
 
 
 def resize_crop(frames: np.ndarray, height: int, width: int, crop: str = "center",
@@ -152,18 +206,47 @@ def resize_crop(frames: np.ndarray, height: int, width: int, crop: str = "center
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def decode_plan(path: PathLike, plan: FramePlan, height: int, width: int, crop: str = "center",
+                rng: np.random.Generator | None = None) -> torch.Tensor:
+    """Decode the frames of `plan` once, blend where it says so (in float), resize and crop: float32 [F, 3, H, W]
+    in [-1, 1]. Works frame by frame into one output tensor, so a long high-resolution clip never sits in memory
+    as floats at its source size."""
+    if not plan.ok:
+        raise CogtuneError(f"{path}: {_reason_text(plan.reason or '')}")
+    got = _decode_needed(path, plan.needed)
+    h, w = got[plan.indices[0]].shape[:2]
+    size, top, left = _geometry(h, w, height, width, crop, rng)
+    out = torch.empty((plan.frames, 3, height, width), dtype=torch.float32)
+    done: dict[int, int] = {}  # source frame -> output slot that already holds it (pad/loop/slow repeat frames)
+    for k, i in enumerate(plan.indices):
+        weight = plan.weights[k] if plan.weights else 0.0
+        if not weight and i in done:
+            out[k] = out[done[i]]
+            continue
+        x = torch.from_numpy(got[i]).permute(2, 0, 1)  # uint8 [3, h, w], a view
+        if weight and plan.upper is not None:
+            x = x.float() * (1 - weight) + torch.from_numpy(got[plan.upper[k]]).permute(2, 0, 1).float() * weight
+        if size != (h, w):
+            x = _resize(x[None].float(), size)[0]
+        out[k].copy_(x[:, top:top + height, left:left + width])
+        if not weight:
+            done[i] = k
+    out.mul_(1 / 127.5).sub_(1.0)
+    return out.clamp_(-1.0, 1.0)
+
+
 def load_clip(path: PathLike, frames: int, height: int, width: int, mode: str = "uniform", crop: str = "center",
-              seed: int | None = None) -> torch.Tensor:
-    """Decode, sample, resize and crop one clip: float32 [F, 3, H, W] in [-1, 1]."""
-    rng = np.random.default_rng(seed)
+              seed: int | None = None, *, start: float | None = None, end: float | None = None,
+              target_fps: float | None = None, short: str = "skip", allowed: Sequence[int] | None = None,
+              window: str = "center", rng: np.random.Generator | None = None) -> torch.Tensor:
+    """Decode, sample, resize and crop one clip: float32 [F, 3, H, W] in [-1, 1] (F = frames, or fewer with the
+    `smaller` policy). Sampling arguments as in `cogtune.data.frames.plan_frames`; `rng` (else one from `seed`)
+    draws the random window and the random crop."""
+    rng = rng if rng is not None else np.random.default_rng(seed)
     info = probe(path)
-    try:
-        idx = frame_indices(info.frames, frames, mode, rng)
-    except CogtuneError as e:
-        raise CogtuneError(f"{path}: {e}") from None
-    x = torch.from_numpy(read_frames(path, idx)).permute(0, 3, 1, 2).float()
-    x = _resize_crop_tensor(x, height, width, crop, rng)
-    return (x / 127.5 - 1.0).clamp_(-1.0, 1.0).contiguous()
+    plan = plan_frames(info.frames, info.fps, frames, mode, start=start, end=end, target_fps=target_fps,
+                       short=short, allowed=allowed, window=window, rng=rng)
+    return decode_plan(path, plan, height, width, crop, rng)
 
 
 def to_uint8_frames(frames: np.ndarray | torch.Tensor, value_range: tuple[float, float] | None = None) -> np.ndarray:

@@ -44,7 +44,9 @@ class Validator:
         self.embeds = [spec.encode_prompts([p]).cpu() for p in self.prompts]
         self.negative = spec.encode_prompts([""]).cpu()
 
-    def __call__(self, transformer, out_dir: Path, device, autocast, tensorboard=None, step: int = 0) -> list[Path]:
+    def __call__(self, transformer, out_dir: Path, device, autocast, tensorboard=None, step: int = 0,
+                 write: bool = True) -> list[Path]:
+        """Generate every prompt; `write=False` on ranks that only take part (sharded weights) and save nothing."""
         spec = self.spec
         scheduler = type(spec.scheduler).from_config(spec.scheduler.config)  # the training scheduler keeps its state
         pipe = type(spec.pipe)(tokenizer=None, text_encoder=None, vae=spec.vae, transformer=transformer, scheduler=scheduler)
@@ -53,7 +55,8 @@ class Validator:
         pipe.set_progress_bar_config(disable=True)
         was_training = transformer.training
         transformer.eval()
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if write:
+            out_dir.mkdir(parents=True, exist_ok=True)
         videos, paths = [], []
         try:
             for i, (prompt, embeds) in enumerate(zip(self.prompts, self.embeds)):
@@ -68,10 +71,13 @@ class Validator:
                     )
                 video = to_uint8_frames(result.frames[0], value_range=(0.0, 1.0))
                 videos.append(video)
-                paths.append(write_mp4(video, out_dir / f"{i:02d}.mp4", self.fps))
+                if write:
+                    paths.append(write_mp4(video, out_dir / f"{i:02d}.mp4", self.fps))
         finally:
             spec.vae.to(vae_device)
             transformer.train(was_training)
+        if not write:
+            return []
         sheet = contact_sheet(videos, self.prompts, out_dir / "contact_sheet.png")
         if tensorboard is not None:
             tensorboard.add_image("validation/contact_sheet", sheet, step, dataformats="HWC")

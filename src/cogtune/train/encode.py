@@ -1,48 +1,185 @@
-"""Encode every clip and caption once before training, through the model spec.
+"""From a dataset folder to cached, bucketed training items, through the model spec's encoders.
 
-Clips that cannot be read are skipped with their reason logged: a bad file never stops a run hours in.
+Every clip is probed, given its bucket (resolution + frame count) and frame plan, then encoded once into the latent
+cache. Clips with problems (missing, corrupt, uncaptioned, too short under the policy) are skipped with their
+reason logged: a bad file never stops a run hours in.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..data.dataset import VideoClips
-from ..data.sources import Sample
+from ..data.buckets import assign_bucket, resolutions_for_area
+from ..data.cache import CacheItem, LatentCache, fingerprint_files
+from ..data.frames import plan_frames
+from ..data.sources import Sample, load_dataset, problem_text
+from ..data.video import decode_plan, probe
 from ..errors import CogtuneError
 
 log = logging.getLogger("cogtune")
+CACHE_VERSION = 1  # bump when the meaning of cached tensors changes
 
 
-def encode_samples(spec, samples: list[Sample], data_cfg, show_progress: bool = True) -> tuple[list[dict], list[str]]:
-    """→ (items, skipped): items hold CPU tensors without a batch dimension plus `caption` and `path`."""
-    clips = VideoClips(samples, data_cfg.frames, data_cfg.height, data_cfg.width, mode=data_cfg.sampling, crop=data_cfg.crop)
-    prompt_cache: dict[str, torch.Tensor] = {}
-    items, skipped = [], []
-    for i in tqdm(range(len(clips)), desc="encoding clips", disable=not show_progress, leave=False):
-        try:
-            clip = clips[i]
-        except (CogtuneError, OSError, ValueError, RuntimeError) as e:
-            reason = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-            skipped.append(f"{samples[i].listed}: {reason}")
-            log.warning("skipping %s: %s", samples[i].listed, reason)
-            continue
-        caption = clip["caption"]
-        if caption not in prompt_cache:
-            prompt_cache[caption] = spec.encode_prompts([caption])[0].cpu()
-        tensors = spec.encode_videos(clip["video"].unsqueeze(0))
-        item = {k: v[0].cpu() for k, v in tensors.items()}
-        item |= {"prompt_embeds": prompt_cache[caption], "caption": caption, "path": clip["path"]}
-        items.append(item)
-    if not items:
-        raise CogtuneError(f"no usable clips: all {len(samples)} were skipped (first reason: {skipped[0] if skipped else 'none'})")
-    return items, skipped
+@dataclass
+class PreparedData:
+    dataset: "CachedItems"
+    buckets: list[tuple[int, int, int]]  # (height, width, frames) of each item
+    skipped: list[str] = field(default_factory=list)  # "path: reason"
+    report: object = None
+
+
+class CachedItems:
+    def __init__(self, cache: LatentCache, items: list[CacheItem], listed: list[str]):
+        self.cache, self.items, self.listed = cache, items, listed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.items[i]
+        out = dict(self.cache.load(item))
+        out["prompt_embeds"] = self.cache.prompt(item.caption)
+        return out | {"caption": item.caption, "path": self.listed[i]}
 
 
 def collate(items: list[dict], device: torch.device) -> dict:
     batch = {k: torch.stack([it[k] for it in items]).to(device) for k, v in items[0].items() if isinstance(v, torch.Tensor)}
     batch["paths"] = [it["path"] for it in items]
     return batch
+
+
+def _frame_options(cfg, variant) -> tuple[list[int], list[tuple[int, int]]]:
+    d = cfg.data
+    b = d.buckets
+    frames = sorted(set(b.frames if b and b.frames else [d.frames]), reverse=True)
+    for f in frames:
+        problem = variant.check_frames(f)
+        if problem:
+            raise CogtuneError(f"data.buckets.frames: {problem}")
+    if b and b.resolutions:
+        resolutions = [tuple(r) for r in b.resolutions]
+    elif b and b.area:
+        resolutions = resolutions_for_area(b.area, b.aspect_ratios or ["1:1"], multiple=16)
+    else:
+        resolutions = [(d.height, d.width)]
+    return frames, resolutions
+
+
+def plan_sample(sample: Sample, cfg, variant, frames: list[int], resolutions, rng=None):
+    """→ ((height, width, frames), plan) or (None, reason)."""
+    d = cfg.data
+    info = probe(sample.video)
+    if len(resolutions) > 1 or (d.buckets and not d.buckets.allow_upscale):
+        bucket, why = assign_bucket(info.height, info.width, 10**9, resolutions, [1],
+                                    allow_upscale=bool(d.buckets and d.buckets.allow_upscale))
+        if bucket is None:
+            return None, why
+        hw = (bucket.height, bucket.width)
+    else:
+        hw = resolutions[0]
+    target_fps = d.target_fps or variant.fps
+    kwargs = dict(start=sample.start, end=sample.end, target_fps=target_fps if d.sampling == "fps" else None,
+                  window=d.window, rng=rng)
+    for count in frames[:-1]:  # the largest frame bucket the clip fills as it is
+        plan = plan_frames(info.frames, info.fps, count, d.sampling, short="skip", **kwargs)
+        if plan.ok:
+            return (*hw, count), plan
+    allowed = frames if len(frames) > 1 else [f for f in variant.allowed_frames() if f <= frames[0]]
+    plan = plan_frames(info.frames, info.fps, frames[-1], d.sampling, short=d.short_clips, allowed=allowed, **kwargs)
+    if not plan.ok:
+        return None, plan.reason
+    return (*hw, plan.frames), plan
+
+
+def _rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, index]))
+
+
+def prepare_data(spec, cfg, accelerator=None, progress: bool = True) -> PreparedData:
+    rank = accelerator.process_index if accelerator else 0
+    world = accelerator.num_processes if accelerator else 1
+    variant, d = spec.variant, cfg.data
+    frames, resolutions = _frame_options(cfg, variant)
+    for h, w in resolutions:
+        spec.check_size(frames[0], h, w)
+    samples = load_dataset(d.root, strict=False)
+    skipped = [f"{s.listed or s.video}: {problem_text(s.problems[0])}" for s in samples if s.problems]
+    usable = [s for s in samples if not s.problems]
+
+    def plan(i_s):
+        i, s = i_s
+        try:
+            return plan_sample(s, cfg, variant, frames, resolutions, _rng(cfg.seed, i))
+        except CogtuneError as e:
+            return None, str(e)
+
+    with ThreadPoolExecutor(max(1, d.num_workers)) as pool:
+        planned = list(pool.map(plan, enumerate(usable)))
+    items, listed, plans = [], [], {}
+    for i, (s, (bucket, why)) in enumerate(zip(usable, planned)):
+        name = s.listed or str(s.video)
+        if bucket is None:
+            skipped.append(f"{name}: {problem_text(why) if why else 'unusable'}")
+            continue
+        h, w, f = bucket
+        item = CacheItem(str(s.video), s.caption, {"frames": f, "height": h, "width": w}, s.start, s.end, None)
+        plans[id(item)] = (why, i)
+        items.append(item)
+        listed.append(name)
+    if not items:
+        raise CogtuneError(f"no usable clips in {d.root}: all {len(samples)} were skipped "
+                           f"(first: {skipped[0] if skipped else 'none listed'}); run `cogtune data check {d.root}`")
+
+    def load_video(item: CacheItem) -> torch.Tensor:
+        plan, index = plans[id(item)]
+        st = item.settings
+        return decode_plan(item.video, plan, st["height"], st["width"], d.crop, _rng(cfg.seed + 1, index))
+
+    cache = LatentCache(cache_root(cfg), video_fingerprint(spec, cfg), text_fingerprint(spec))
+    report = cache.build(items, load_video, spec.encode_videos, spec.encode_prompts, rank=rank, world_size=world,
+                         progress=progress and rank == 0)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    check = cache.check(items)
+    for i, why in check.problems.items():
+        skipped.append(f"{listed[i]}: {why}")
+    ready = check.ready
+    for line in skipped:
+        log.warning("skipping %s", line)
+    if not ready:
+        raise CogtuneError(f"no clip could be encoded (first problem: {skipped[0] if skipped else 'unknown'})")
+    dataset = CachedItems(cache, [items[i] for i in ready], [listed[i] for i in ready])
+    buckets = [(items[i].settings["height"], items[i].settings["width"], items[i].settings["frames"]) for i in ready]
+    return PreparedData(dataset, buckets, skipped, report)
+
+
+def cache_root(cfg) -> Path:
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir)
+    root = Path(cfg.data.root)
+    folder = root if root.is_dir() else root.parent
+    if os.access(folder, os.W_OK):
+        return folder / ".cogtune_cache"
+    return Path(cfg.output_dir) / "cache"
+
+
+def video_fingerprint(spec, cfg) -> dict:
+    d = cfg.data
+    return {"v": CACHE_VERSION, "variant": spec.variant_name, "vae": fingerprint_files([Path(spec.model_path) / "vae"]),
+            "sampling": d.sampling, "target_fps": d.target_fps or spec.variant.fps, "window": d.window,
+            "short_clips": d.short_clips, "crop": d.crop, "i2v": spec.variant.i2v, "tiling": cfg.memory.vae_tiling,
+            # the seed only picks random windows and crops
+            "seed": cfg.seed if "random" in (d.sampling, d.window, d.crop) else None}
+
+
+def text_fingerprint(spec) -> dict:
+    path = Path(spec.model_path)
+    return {"v": CACHE_VERSION, "text_encoder": fingerprint_files([path / "text_encoder", path / "tokenizer"]),
+            "max_length": 226}

@@ -1,29 +1,31 @@
-"""The training loop. It knows the model only through its ModelSpec.
+"""The training loop. It knows the model only through its ModelSpec and the data only through the cache.
 
-Randomness: every micro-step draws its latents, noise and timesteps from a generator seeded by (seed, micro-step,
-rank), and batch order is a pure function of (seed, epoch), so a run is reproducible from its config alone.
+Randomness: sample i of a global batch draws its latents, timestep and noise from a generator keyed by (seed, step,
+position in the global batch), and batch order is a pure function of (seed, epoch). So a run is reproducible from its
+config alone, resumes exactly, and gives the same losses on 1 process with accumulation as on N processes.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
-from ..data.sources import load_dataset
+from ..data.buckets import BucketBatchSampler
 from ..errors import CogtuneError
 from ..models.cogvideox import CogVideoXSpec, resolve_variant
-from .encode import collate, encode_samples
+from .checkpoint import install_trainable_only_hooks, load_checkpoint, resolve_resume, save_checkpoint
+from .distributed import is_sharded, make_accelerator
+from .encode import collate, prepare_data
 from .metrics import MetricsLog
 from .outputs import save_outputs
 
@@ -40,6 +42,8 @@ class TrainResult:
     outputs: dict[str, Path]
     transformer: torch.nn.Module = field(repr=False)
     spec: object = field(repr=False)
+    interrupted: bool = False
+    checkpoint: Path | None = None
 
     @property
     def lora_path(self) -> Path | None:
@@ -47,17 +51,8 @@ class TrainResult:
 
 
 def sample_generators(seed: int, step: int, first_position: int, count: int) -> list[torch.Generator]:
-    """One generator per sample, keyed by (seed, optimizer step, position in the global batch): the same sample gets
-    the same latents, timestep and noise whatever the number of processes or accumulation steps."""
+    """One generator per sample, keyed by (seed, optimizer step, position in the global batch)."""
     return [torch.Generator().manual_seed(seed * 1_000_003 + step * 8191 + first_position + i) for i in range(count)]
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch)).tolist()
-    usable = (len(order) // (batch_size * world)) * batch_size * world or batch_size * world
-    order = (order * math.ceil(usable / len(order)))[:usable]  # tiny datasets repeat rather than starve a rank
-    batches = [order[i : i + batch_size] for i in range(0, usable, batch_size)]
-    return batches[rank::world]
 
 
 @torch.no_grad()
@@ -108,28 +103,64 @@ def make_validator(spec, cfg: TrainConfig):
                      spec.variant.fps)
 
 
+class StopFlag:
+    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the next step boundary (a second signal is final)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("signal %d: saving a checkpoint at the end of this step, then stopping", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     variant = resolve_variant(cfg.model.path, cfg.model.variant)
     problem = variant.check_frames(cfg.data.frames)
     if problem:
         raise CogtuneError(f"data.frames={cfg.data.frames}: {problem}")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    accelerator = make_accelerator(cfg)
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise CogtuneError("mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
     set_seed(cfg.seed)
-    main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
+    main, device, world, rank = (accelerator.is_main_process, accelerator.device, accelerator.num_processes,
+                                 accelerator.process_index)
     out = Path(cfg.output_dir)
+    run_config = cfg.model_dump(mode="json") | {"world_size": world}
+    resume_from = resolve_resume(cfg.resume, out)  # before anything is written: a bad path fails fast
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
 
     spec = CogVideoXSpec.load(cfg.model.path, cfg.model.variant)
     spec.check_size(cfg.data.frames, cfg.data.height, cfg.data.width)
     spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
     spec.encoders_to(device)
-    items, skipped = encode_samples(spec, load_dataset(cfg.data.root), cfg.data, show_progress=main)
+    data = prepare_data(spec, cfg, accelerator)
     validator = make_validator(spec, cfg)
-    log.info("encoded %d clips, skipped %d", len(items), len(skipped))
 
     params = prepare_model(spec, cfg, device)
     transformer = spec.transformer
@@ -139,54 +170,98 @@ def train(cfg: TrainConfig) -> TrainResult:
     lr_scheduler = get_scheduler(cfg.lr_scheduler.name, optimizer, num_warmup_steps=cfg.lr_scheduler.warmup_steps * world,
                                  num_training_steps=cfg.max_steps * world)
     model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    if cfg.distributed.strategy not in ("zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp2"):
+        install_trainable_only_hooks(accelerator, model)
+    transformer = accelerator.unwrap_model(model)
     transformer.train()
 
+    sampler = BucketBatchSampler(data.buckets, cfg.batch_size, cfg.seed, rank, world, drop_last=False)
+    step = 0
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from, run_config)
+        step = state["step"]
+        sampler.load_state_dict(state["sampler"])
+        log.info("resumed from %s at step %d", resume_from, step)
+
     metrics = MetricsLog(out / "logs", enabled=main)
-    heldout = items[: cfg.validation.heldout_clips]
+    heldout = [data.dataset[i] for i in range(min(cfg.validation.heldout_clips, len(data.dataset)))]
+    everyone = is_sharded(cfg)  # sharded weights: every rank must run each forward pass
 
-    def validate(step: int) -> None:
-        if cfg.validation.heldout_loss and main:
-            metrics.log(step, heldout_loss=heldout_loss(spec, transformer, heldout, cfg.seed, cfg.loss, device))
-        if validator is not None and main and step > 0:
-            validator(transformer, out / "validation" / f"step-{step}", device, accelerator.autocast, metrics.tensorboard, step)
+    def validate(at: int) -> None:
+        if cfg.validation.heldout_loss and (main or everyone):
+            value = heldout_loss(spec, transformer, heldout, cfg.seed, cfg.loss, device)
+            metrics.log(at, heldout_loss=value)
+        if validator is not None and at > 0 and (main or everyone):
+            validator(transformer, out / "validation" / f"step-{at}", device, accelerator.autocast,
+                      metrics.tensorboard, at, write=main)
 
-    validate(0)
-    bar = tqdm(total=cfg.max_steps, desc="training", disable=not main, dynamic_ncols=True)
-    step, micro, epoch, t0 = 0, 0, 0, time.perf_counter()
-    while step < cfg.max_steps:
-        for indices in epoch_batches(len(items), cfg.batch_size, cfg.seed, epoch, accelerator.process_index, world):
-            batch = collate([items[i] for i in indices], device)
-            with accelerator.accumulate(model):
-                position = ((micro % cfg.gradient_accumulation_steps) * world + accelerator.process_index) * len(indices)
-                gens = sample_generators(cfg.seed, step, position, len(indices))
-                loss = spec.training_loss(model, batch, gens, loss_cfg=cfg.loss, i2v_cfg=cfg.i2v)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, o.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            lr = lr_scheduler.get_last_lr()[0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                metrics.log(step, loss=loss_value, lr=lr, grad_norm=float(grad_norm),
-                            elapsed_s=round(time.perf_counter() - t0, 3))
-            if cfg.validation.every_steps and step % cfg.validation.every_steps == 0 and step < cfg.max_steps:
-                validate(step)
-            if step >= cfg.max_steps:
-                break
-        epoch += 1
+    def checkpoint(at: int) -> Path:
+        trainer_state = {"step": at, "sampler": sampler.state_dict()}
+        return save_checkpoint(accelerator, out, at, trainer_state, run_config, cfg.checkpoint.keep_last)
+
+    if step == 0:
+        validate(0)
+    accum = cfg.gradient_accumulation_steps
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", disable=not main, dynamic_ncols=True)
+    micro, t0, interrupted, last_ckpt, skipped_steps = 0, time.perf_counter(), False, resume_from, 0
+    with StopFlag() as stop:
+        while step < cfg.max_steps and not interrupted:
+            for indices in sampler:
+                items = [data.dataset[i] for i in indices]
+                batch = collate(items, device)
+                with accelerator.accumulate(model):
+                    position = ((micro % accum) * world + rank) * len(indices)
+                    gens = sample_generators(cfg.seed, step, position, len(indices))
+                    loss = spec.training_loss(model, batch, gens, loss_cfg=cfg.loss, i2v_cfg=cfg.i2v)
+                    bad = any_rank(accelerator, not torch.isfinite(loss).item())
+                    if bad:
+                        paths = gather_object([batch["paths"] if not torch.isfinite(loss).item() else []])
+                        where = f"non-finite loss at step {step + 1} on clip(s) {', '.join(sorted(set(paths)))}"
+                        if cfg.on_nonfinite == "stop":
+                            keep = f"; last good checkpoint: {last_ckpt}" if last_ckpt else "; no checkpoint was written"
+                            raise CogtuneError(where + keep + " (on_nonfinite: skip_step skips such steps)")
+                        log.warning("%s: skipped", where)
+                        loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # keeps DeepSpeed/DDP collectives in step
+                        skipped_steps += 1
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients and accelerator.distributed_type.name != "DEEPSPEED":
+                        grad_norm = accelerator.clip_grad_norm_(params, o.max_grad_norm)
+                        if grad_norm is not None and not torch.isfinite(grad_norm):
+                            if cfg.on_nonfinite == "stop":
+                                raise CogtuneError(f"non-finite gradient at step {step + 1} "
+                                                   f"(clips {', '.join(batch['paths'])}); weights left untouched")
+                            optimizer.zero_grad(set_to_none=True)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+                lr = lr_scheduler.get_last_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    row = dict(loss=loss_value, lr=lr, elapsed_s=round(time.perf_counter() - t0, 3))
+                    metrics.log(step, **row, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}))
+                if cfg.validation.every_steps and step % cfg.validation.every_steps == 0 and step < cfg.max_steps:
+                    validate(step)
+                if any_rank(accelerator, stop.requested):
+                    last_ckpt, interrupted = checkpoint(step), True
+                    break
+                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                    last_ckpt = checkpoint(step)
+                if step >= cfg.max_steps:
+                    break
     bar.close()
+    if interrupted:
+        metrics.close()
+        return TrainResult(step, len(data.dataset), data.skipped, {}, transformer, spec, True, last_ckpt)
     validate(step)
-
     accelerator.wait_for_everyone()
-    outputs = save_outputs(accelerator, model, spec, cfg, step) if main else {}
+    outputs = save_outputs(accelerator, model, spec, cfg, step)
     metrics.close()
     accelerator.end_training()
-    return TrainResult(step, len(items), skipped, outputs, accelerator.unwrap_model(model), spec)
+    return TrainResult(step, len(data.dataset), data.skipped, outputs, transformer, spec, False, last_ckpt)

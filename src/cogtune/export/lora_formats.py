@@ -1,0 +1,349 @@
+"""LoRA files in the diffusers and ComfyUI formats: read either into one canonical form, write either.
+
+Canonical form (`LoraWeights`): diffusers/peft keys `transformer.<module>.lora_A.weight` / `.lora_B.weight` (tensors
+untouched, so conversions are bit-exact), the alpha of every module, the peft LoraConfig kwargs, and `cogtune.*`.
+
+ComfyUI format: keys `diffusion_model.<comfy module>.lora_down.weight` (= lora_A), `.lora_up.weight` (= lora_B) and a
+scalar `.alpha`; `lora_A`/`lora_B` names are read too. ComfyUI applies W += strength * alpha/rank * up @ down
+(rank = lora_down.shape[0]; no `.alpha` means scale 1). Sources (checked 2026-11):
+- module names: ComfyUI core's native CogVideoX model, comfy/ldm/cogvideo/model.py (comfyanonymous/ComfyUI):
+  `blocks.N.{q,k,v,attn_out,norm_q,norm_k,ff_proj,ff_out,norm1.linear,norm1.norm,norm2.linear,norm2.norm}`,
+  `patch_embed.{proj,text_proj}`, `time_embedding_linear_{1,2}`, `ofs_embedding_linear_{1,2}`, `norm_final`,
+  `norm_out.{linear,norm}`, `proj_out`.
+- key map: comfy/lora.py `model_lora_keys_unet` maps the generic key `diffusion_model.<name>` to the weight
+  `diffusion_model.<name>.weight` for every model; it has no CogVideoX branch, so diffusers-named CogVideoX LoRAs
+  (`transformer.transformer_blocks...`) do not load in ComfyUI core and must be converted.
+- adapter: comfy/weight_adapter/lora.py (`LoRAAdapter.load` / `calculate_weight`).
+The ComfyUI file also carries the diffusers LoraConfig and `cogtune.*` in its safetensors metadata (ComfyUI ignores
+it), which makes diffusers -> ComfyUI -> diffusers give back the same tensors and the same metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import CogtuneError
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+PREFIX = "transformer."
+COMFY_PREFIX = "diffusion_model."
+FORMATS = ("diffusers", "comfyui")
+
+# diffusers module (inside the transformer) <-> ComfyUI native module; blocks: transformer_blocks.N <-> blocks.N
+_BLOCK_NAMES = {
+    "attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v", "attn1.to_out.0": "attn_out",
+    "attn1.norm_q": "norm_q", "attn1.norm_k": "norm_k", "ff.net.0.proj": "ff_proj", "ff.net.2": "ff_out",
+    "norm1.linear": "norm1.linear", "norm1.norm": "norm1.norm",
+    "norm2.linear": "norm2.linear", "norm2.norm": "norm2.norm",
+}
+_TOP_NAMES = {
+    "patch_embed.proj": "patch_embed.proj", "patch_embed.text_proj": "patch_embed.text_proj",
+    "time_embedding.linear_1": "time_embedding_linear_1", "time_embedding.linear_2": "time_embedding_linear_2",
+    "ofs_embedding.linear_1": "ofs_embedding_linear_1", "ofs_embedding.linear_2": "ofs_embedding_linear_2",
+    "norm_final": "norm_final", "norm_out.linear": "norm_out.linear", "norm_out.norm": "norm_out.norm",
+    "proj_out": "proj_out",
+}
+_BLOCK_NAMES_BACK = {v: k for k, v in _BLOCK_NAMES.items()}
+_TOP_NAMES_BACK = {v: k for k, v in _TOP_NAMES.items()}
+
+
+def to_comfy_module(module: str) -> str | None:
+    """`transformer_blocks.3.attn1.to_q` -> `blocks.3.q`; None for a module ComfyUI's CogVideoX does not have."""
+    m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module)
+    if m:
+        name = _BLOCK_NAMES.get(m.group(2))
+        return None if name is None else f"blocks.{m.group(1)}.{name}"
+    return _TOP_NAMES.get(module)
+
+
+def from_comfy_module(module: str) -> str | None:
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
+    if m:
+        name = _BLOCK_NAMES_BACK.get(m.group(2))
+        return None if name is None else f"transformer_blocks.{m.group(1)}.{name}"
+    return _TOP_NAMES_BACK.get(module)
+
+
+@dataclass
+class LoraWeights:
+    """A LoRA in canonical form; `state_dict` keys are `transformer.<module>.lora_{A,B}.weight`."""
+
+    state_dict: dict[str, torch.Tensor]
+    alphas: dict[str, float]  # module -> alpha
+    lora_config: dict  # peft LoraConfig kwargs, no prefix
+    cogtune: dict[str, str] = field(default_factory=dict)  # "cogtune.*" metadata
+    extra: dict[str, str] = field(default_factory=dict)  # other metadata, kept as is (e.g. "format")
+    source_format: str = "diffusers"
+    alpha_stored: bool = True  # False: the file had no alpha; alpha = rank assumed (what diffusers does)
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.alphas)
+
+    def rank(self, module: str) -> int:
+        return int(self.state_dict[f"{PREFIX}{module}.lora_A.weight"].shape[0])
+
+    def adapter_metadata(self) -> dict:
+        """The LoraConfig as diffusers reads it from a file (keys prefixed with `transformer.`)."""
+        return {PREFIX + k: v for k, v in self.lora_config.items()}
+
+
+# --- reading --------------------------------------------------------------------------------------------------
+
+
+def resolve_lora_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        if (path / WEIGHT_NAME).is_file():
+            return path / WEIGHT_NAME
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise CogtuneError(f"LoRA folder {path} holds {len(found)} .safetensors files and no {WEIGHT_NAME}: "
+                           "give the file itself")
+    if not path.is_file():
+        raise CogtuneError(f"LoRA {path}: no such file (give a .safetensors file or a folder holding {WEIGHT_NAME})")
+    if path.suffix != ".safetensors":
+        raise CogtuneError(f"LoRA {path} is not a .safetensors file; SAT checkpoints (.pt) convert with "
+                           "`cogtune convert sat CKPT OUT --variant V`")
+    return path
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata; a damaged or foreign file gives one clear line."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled headers and data
+        reason = " ".join(str(e).split())[:160]
+        raise CogtuneError(f"LoRA file {path} is damaged or not a safetensors file ({reason}); "
+                           "copy or export it again") from None
+    return tensors, metadata
+
+
+def _split_key(key: str, suffixes: dict[str, str]) -> tuple[str, str] | None:
+    for suffix, role in suffixes.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+_DIFFUSERS_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+_COMFY_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".lora_A.weight": "A", ".lora_B.weight": "B",
+                   ".alpha": "alpha"}
+
+
+def _detect_format(keys: list[str], path: Path) -> str:
+    if keys and all(k.startswith(COMFY_PREFIX) for k in keys):
+        return "comfyui"
+    if keys and all(k.startswith(PREFIX) or k.startswith("transformer_blocks.") for k in keys):
+        return "diffusers"
+    sample = next((k for k in keys if not k.startswith((PREFIX, COMFY_PREFIX))), keys[0] if keys else "(none)")
+    raise CogtuneError(f"LoRA file {path}: key {sample!r} is neither a diffusers CogVideoX LoRA key "
+                       f"({PREFIX}<module>.lora_A.weight) nor a ComfyUI one ({COMFY_PREFIX}<module>.lora_down.weight)")
+
+
+def _config_alpha(config: dict, module: str) -> float:
+    from peft.utils.other import get_pattern_key
+
+    pattern = config.get("alpha_pattern") or {}
+    key = get_pattern_key(list(pattern), module)
+    return float(pattern.get(key, config.get("lora_alpha", config.get("r", 8))))
+
+
+def _config_rank(config: dict, module: str) -> int:
+    from peft.utils.other import get_pattern_key
+
+    pattern = config.get("rank_pattern") or {}
+    key = get_pattern_key(list(pattern), module)
+    return int(pattern.get(key, config.get("r", 8)))
+
+
+def build_lora_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
+    """peft LoraConfig kwargs reproducing per-module ranks and alphas exactly (full module paths as targets)."""
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    return {
+        "r": r, "lora_alpha": alpha, "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
+        "use_dora": False, "rank_pattern": {f"^{m}": v for m, v in sorted(ranks.items()) if v != r},
+        "alpha_pattern": {f"^{m}": v for m, v in sorted(alphas.items()) if v != alpha},
+    }
+
+
+def _consistent(config: dict, ranks: dict[str, int], alphas: dict[str, float]) -> bool:
+    return all(_config_rank(config, m) == ranks[m]
+               and abs(_config_alpha(config, m) - alphas[m]) <= 1e-6 * max(1.0, abs(alphas[m])) for m in ranks)
+
+
+def read_lora(path: str | Path, assume_alpha: float | None = None) -> LoraWeights:
+    """Read a diffusers or ComfyUI CogVideoX LoRA file (or a folder holding one) into canonical form.
+
+    `assume_alpha` is used only for a file that records no alpha at all (diffusers itself then assumes alpha = rank).
+    """
+    path = resolve_lora_path(path)
+    tensors, metadata = read_safetensors(path)
+    fmt = _detect_format(list(tensors), path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        bare = key.removeprefix(COMFY_PREFIX if fmt == "comfyui" else PREFIX)
+        split = _split_key(bare, _COMFY_SUFFIXES if fmt == "comfyui" else _DIFFUSERS_SUFFIXES)
+        if split is None:
+            raise CogtuneError(f"LoRA file {path}: key {key!r} is not a plain LoRA weight (expected "
+                               f"{'lora_down/lora_up/alpha' if fmt == 'comfyui' else 'lora_A/lora_B'}); "
+                               "LyCORIS/DoRA/bias adapters are not supported")
+        module, role = split
+        if fmt == "comfyui":
+            diffusers_module = from_comfy_module(module)
+            if diffusers_module is None:
+                raise CogtuneError(f"LoRA file {path}: key {key!r} names no module of ComfyUI's CogVideoX model")
+            module = diffusers_module
+        parts.setdefault(module, {})[role] = tensor
+    state_dict: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for module, p in sorted(parts.items()):
+        if "A" not in p or "B" not in p:
+            raise CogtuneError(f"LoRA file {path}: module {module} has only lora_{'B' if 'B' in p else 'A'}; "
+                               "the file is incomplete")
+        a, b = p["A"], p["B"]
+        if a.shape[0] != b.shape[1]:
+            raise CogtuneError(f"LoRA file {path}: module {module} has rank {a.shape[0]} in lora_A but "
+                               f"{b.shape[1]} in lora_B")
+        state_dict[f"{PREFIX}{module}.lora_A.weight"] = a
+        state_dict[f"{PREFIX}{module}.lora_B.weight"] = b
+        ranks[module] = int(a.shape[0])
+
+    stored = json.loads(metadata[ADAPTER_KEY]) if metadata.get(ADAPTER_KEY) else None
+    stored = {k.removeprefix(PREFIX): v for k, v in stored.items()} if stored else None
+    cogtune = {k: v for k, v in metadata.items() if k.startswith("cogtune.")}
+    extra = {k: v for k, v in metadata.items() if k != ADAPTER_KEY and not k.startswith("cogtune.")}
+    has_alpha = {m for m, p in parts.items() if "alpha" in p}
+    if fmt == "comfyui" and has_alpha:
+        alphas = {m: float(parts[m]["alpha"].float().item()) if m in has_alpha else float(ranks[m]) for m in ranks}
+        config = stored if stored and _consistent(stored, ranks, alphas) else build_lora_config(ranks, alphas)
+        alphas = {m: _config_alpha(config, m) for m in ranks}  # exact values when the stored config agrees
+        return LoraWeights(state_dict, alphas, config, cogtune, extra, fmt, True)
+    if stored is not None:
+        return LoraWeights(state_dict, {m: _config_alpha(stored, m) for m in ranks}, stored, cogtune, extra, fmt, True)
+    alphas = {m: float(assume_alpha) if assume_alpha is not None else float(ranks[m]) for m in ranks}
+    config = build_lora_config(ranks, alphas)
+    return LoraWeights(state_dict, alphas, config, cogtune, extra, fmt, alpha_stored=assume_alpha is not None)
+
+
+def load_lora_any(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+    """(diffusers state dict, peft LoraConfig kwargs, cogtune.* metadata) of a diffusers or ComfyUI LoRA file."""
+    lora = read_lora(path)
+    return lora.state_dict, lora.lora_config, lora.cogtune
+
+
+def load_lora_into_pipeline(pipe, path: str | Path, adapter_name: str) -> LoraWeights:
+    """Load a LoRA of either format into `pipe.transformer` at its recorded scale, from memory.
+
+    `pipe.load_lora_weights(dict)` drops metadata for a dict input in diffusers 0.42 (its `lora_state_dict` only
+    reads metadata from a file), so we call `load_lora_into_transformer(..., metadata=...)`, the step it delegates to.
+    """
+    lora = read_lora(path)
+    pipe.load_lora_into_transformer(dict(lora.state_dict), transformer=pipe.transformer, adapter_name=adapter_name,
+                                    metadata=lora.adapter_metadata(), _pipeline=pipe)
+    return lora
+
+
+# --- writing --------------------------------------------------------------------------------------------------
+
+
+def _write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _metadata(lora: LoraWeights) -> dict[str, str]:
+    adapter = json.dumps(lora.adapter_metadata(), indent=2, sort_keys=True)
+    return {"format": "pt", **lora.extra, ADAPTER_KEY: adapter, **lora.cogtune}
+
+
+def write_diffusers(lora: LoraWeights, out: str | Path) -> Path:
+    """`out` is a .safetensors path, or a folder that gets `pytorch_lora_weights.safetensors`."""
+    out = Path(out)
+    out = out if out.suffix == ".safetensors" else out / WEIGHT_NAME
+    return _write_atomic(lora.state_dict, _metadata(lora), out)
+
+
+def to_comfy_state_dict(lora: LoraWeights) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for module in lora.modules:
+        comfy = to_comfy_module(module)
+        if comfy is None:
+            raise CogtuneError(f"LoRA module {module} has no counterpart in ComfyUI's CogVideoX model; "
+                               "it cannot be written in the ComfyUI format")
+        tensors[f"{COMFY_PREFIX}{comfy}.lora_down.weight"] = lora.state_dict[f"{PREFIX}{module}.lora_A.weight"]
+        tensors[f"{COMFY_PREFIX}{comfy}.lora_up.weight"] = lora.state_dict[f"{PREFIX}{module}.lora_B.weight"]
+        tensors[f"{COMFY_PREFIX}{comfy}.alpha"] = torch.tensor(lora.alphas[module], dtype=torch.float32)
+    return tensors
+
+
+def write_comfyui(lora: LoraWeights, out: str | Path) -> Path:
+    """`out` is a .safetensors path, or a folder that gets `lora_comfyui.safetensors`."""
+    out = Path(out)
+    out = out if out.suffix == ".safetensors" else out / "lora_comfyui.safetensors"
+    return _write_atomic(to_comfy_state_dict(lora), _metadata(lora), out)
+
+
+def convert_lora(src: str | Path, out: str | Path, to: str, alpha: float | None = None) -> Path:
+    if to not in FORMATS:
+        raise CogtuneError(f"--to {to}: unknown LoRA format; use one of {', '.join(FORMATS)}")
+    lora = read_lora(src, assume_alpha=alpha)  # an alpha recorded in the file wins; `alpha` fills in a missing one
+    return write_comfyui(lora, out) if to == "comfyui" else write_diffusers(lora, out)
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------
+
+
+def cli_group(subparsers, name: str, help_text: str):
+    """The sub-subparsers of top-level command `name`, created on first use (shared by several register_cli)."""
+    parser = subparsers.choices.get(name)
+    if parser is None:
+        parser = subparsers.add_parser(name, help=help_text)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return parser.add_subparsers(dest=f"{name}_command", required=True)
+
+
+def _cmd_convert(args) -> None:
+    lora = read_lora(args.src, assume_alpha=args.alpha)
+    if not lora.alpha_stored:
+        print(f"note: {args.src} records no alpha; writing alpha = rank (scale 1.0, what diffusers assumes); "
+              "pass --alpha A if it was trained with another alpha")
+    path = write_comfyui(lora, args.out) if args.to == "comfyui" else write_diffusers(lora, args.out)
+    ranks = sorted({lora.rank(m) for m in lora.modules})
+    print(f"wrote {args.to} LoRA {path} ({len(lora.modules)} modules, rank {'/'.join(map(str, ranks))}, "
+          f"alpha {lora.lora_config.get('lora_alpha')})")
+
+
+def register_cli(subparsers) -> None:
+    """Adds `cogtune lora convert IN OUT --to comfyui|diffusers [--alpha A]` to the top-level subparsers."""
+    lora = cli_group(subparsers, "lora", "LoRA tools: convert between formats, merge into a model")
+    p = lora.add_parser("convert", help="convert a LoRA between the diffusers and ComfyUI formats (alpha kept)")
+    p.add_argument("src", metavar="IN", help="LoRA .safetensors file (either format) or a folder holding one")
+    p.add_argument("out", metavar="OUT", help="output .safetensors file, or a folder")
+    p.add_argument("--to", required=True, choices=FORMATS)
+    p.add_argument("--alpha", type=float, help="alpha for a LoRA that records none (default: rank, as diffusers)")
+    p.set_defaults(func=_cmd_convert)

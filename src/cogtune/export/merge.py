@@ -1,0 +1,151 @@
+"""Fuse one or more LoRAs (diffusers or ComfyUI format), each with a weight, into a standalone transformer.
+
+`cogtune lora merge --model DIR --lora A[:W] [--lora B[:W] ...] OUT [--pipeline]`
+
+The transformer is loaded in float32, every LoRA is checked against it (`check_lora_compat`) and loaded with its own
+LoraConfig (so each runs at its trained alpha/rank), then `set_adapters(names, weights)` + `fuse_lora()` +
+`unload_lora()` leave plain weights W + sum_i w_i * alpha_i/r_i * B_i A_i. The result is written as a diffusers
+transformer folder (sharded safetensors + index + config.json, via export/shards.py) in the dtype the model was
+stored in (or `--dtype`). With `--pipeline`, OUT is a whole pipeline folder: the merged transformer/ plus the
+model's other components, hard-linked where the filesystem allows (copied otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import CogtuneError
+from .lora_formats import cli_group, read_lora
+
+MERGE_INFO = "cogtune_merge.json"
+
+
+def _transformer_dir(model: Path) -> tuple[Path, bool]:
+    """(transformer folder, is a pipeline folder)."""
+    if (model / "transformer" / "config.json").is_file():
+        return model / "transformer", True
+    if (model / "config.json").is_file():
+        return model, False
+    raise CogtuneError(f"--model {model}: no transformer/config.json or config.json there; give a diffusers "
+                       "CogVideoX pipeline folder or its transformer/ folder")
+
+
+def stored_dtype(transformer_dir: Path) -> torch.dtype:
+    """The dtype most of the folder's weights are stored in (read from the safetensors headers only)."""
+    from .shards import folder_shapes
+
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    counts: dict[str, int] = {}
+    for shape, dtype, _ in folder_shapes(transformer_dir).values():
+        n = 1
+        for s in shape:
+            n *= s
+        counts[dtype] = counts.get(dtype, 0) + n
+    return names.get(max(counts, key=counts.get), torch.float32) if counts else torch.float32
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def fuse_loras(transformer_dir: Path, loras: list, model_dir: Path):
+    """The float32 transformer with `loras` ([LoraSpec]) fused in at their weights."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from ..infer.compat import check_lora_compat
+
+    transformer = CogVideoXTransformer3DModel.from_pretrained(str(transformer_dir), torch_dtype=torch.float32)
+    names = []
+    for spec in loras:
+        lora = read_lora(spec.path)
+        check_lora_compat(lora, model_dir)
+        if spec.name in names:
+            raise CogtuneError(f"--lora {spec.path}: adapter name {spec.name!r} is used twice; name them NAME@...")
+        with warnings.catch_warnings():  # peft warns on every adapter after the first; several is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            transformer.load_lora_adapter(dict(lora.state_dict), prefix="transformer", adapter_name=spec.name,
+                                          metadata=lora.adapter_metadata())
+        names.append(spec.name)
+    transformer.set_adapters(names, [spec.weight for spec in loras])
+    transformer.fuse_lora()
+    transformer.unload_lora()
+    return transformer
+
+
+def _save_transformer(transformer, out: Path, dtype: torch.dtype, max_shard_size: str, overwrite: bool) -> None:
+    try:
+        from .shards import save_transformer_folder
+    except ImportError:  # shards.py not in this checkout: diffusers' own writer gives the same layout
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise CogtuneError(f"output folder {out} is not empty: choose a new path or pass --overwrite") from None
+        transformer.to(dtype).save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
+        return
+    save_transformer_folder(transformer, None, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def merge_loras(model: str | Path, loras: list[str], out: str | Path, pipeline: bool = False,
+                dtype: str | None = None, max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
+    """Fuse `loras` (`PATH[:WEIGHT][@NAME]` strings) into the model's transformer; write OUT. Returns OUT."""
+    from ..infer.generate import LoraSpec
+    from .shards import resolve_dtype, staged_folder
+
+    model, out = Path(model), Path(out)
+    if not loras:
+        raise CogtuneError("give at least one --lora PATH[:WEIGHT] to merge")
+    transformer_dir, is_pipeline = _transformer_dir(model)
+    if pipeline and not is_pipeline:
+        raise CogtuneError(f"--pipeline needs a pipeline folder as --model, {model} is a transformer folder")
+    specs = [LoraSpec.parse(text, i) for i, text in enumerate(loras)]
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # say so before the slow part
+        raise CogtuneError(f"output folder {out} is not empty: choose a new path or pass --overwrite to replace it")
+    to = resolve_dtype(dtype) or stored_dtype(transformer_dir)
+    transformer = fuse_loras(transformer_dir, specs, model)
+    info = {"model": str(model.absolute()), "dtype": str(to).removeprefix("torch."),
+            "loras": [{"path": str(s.path.absolute()), "weight": s.weight, "name": s.name} for s in specs]}
+    if not pipeline:
+        _save_transformer(transformer, out, to, max_shard_size, overwrite)
+        (out / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        return out
+    with staged_folder(out, overwrite) as tmp:
+        for entry in sorted(model.iterdir()):
+            if entry.name == "transformer":
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(str(entry), str(tmp / entry.name))
+        _save_transformer(transformer, tmp / "transformer", to, max_shard_size, overwrite=False)
+        (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def _cmd_merge(args) -> None:
+    out = merge_loras(args.model, args.lora, args.out, pipeline=args.pipeline, dtype=args.dtype,
+                      max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    what = "pipeline" if args.pipeline else "transformer"
+    print(f"merged {len(args.lora)} LoRA(s) into a {what} folder: {out}")
+
+
+def register_cli(subparsers) -> None:
+    """Adds `cogtune lora merge --model DIR --lora A[:W] [--lora ...] OUT [--pipeline]` to the top-level subparsers."""
+    lora = cli_group(subparsers, "lora", "LoRA tools: convert between formats, merge into a model")
+    p = lora.add_parser("merge", help="fuse LoRAs into the base transformer and write a standalone model folder")
+    p.add_argument("--model", required=True, help="diffusers CogVideoX pipeline folder (or its transformer/ folder)")
+    p.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT][@NAME]",
+                   help="LoRA file or folder, diffusers or ComfyUI format; repeatable")
+    p.add_argument("out", metavar="OUT", help="output folder: transformer folder, or pipeline folder with --pipeline")
+    p.add_argument("--pipeline", action="store_true", help="write a full pipeline folder (other components linked)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the model's own)")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.set_defaults(func=_cmd_merge)

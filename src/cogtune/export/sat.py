@@ -1,0 +1,311 @@
+"""Convert CogVideo's SAT checkpoints (and alpha-less official-trainer LoRAs) to diffusers.
+
+`cogtune convert sat CKPT OUT --variant V` takes:
+- a SAT full checkpoint (`mp_rank_00_model_states.pt` with a `module` dict, a folder holding one, or a SAT save
+  folder with `latest` + `<iteration>/mp_rank_00_model_states.pt`) -> OUT is a diffusers transformer folder;
+- a SAT LoRA checkpoint (keys `...attention.query_key_value.matrix_A.0` etc.) -> OUT/pytorch_lora_weights.safetensors;
+- a LoRA saved by CogVideo's diffusers-route `finetune/` trainer (diffusers keys, no alpha stored)
+  -> OUT/pytorch_lora_weights.safetensors with its LoraConfig in the metadata, so it loads at the trained scale.
+
+Key mapping (sources: diffusers scripts/convert_cogvideox_to_diffusers.py, CogVideo tools/convert_weight_sat2hf.py and
+tools/export_sat_lora_weight.py; SAT keys carry the prefix `model.diffusion_model.`):
+  transformer.layers.N.attention.query_key_value   -> transformer_blocks.N.attn1.to_q | to_k | to_v (thirds of dim 0)
+  transformer.layers.N.attention.dense             -> transformer_blocks.N.attn1.to_out.0
+  transformer.layers.N.mlp.dense_h_to_4h | 4h_to_h -> transformer_blocks.N.ff.net.0.proj | ff.net.2
+  transformer.layers.N.input_layernorm | post_attention_layernorm -> transformer_blocks.N.norm1.norm | norm2.norm
+  mixins.adaln_layer.adaLN_modulations.N.1 (12 chunks of dim 0) -> norm1.linear = chunks 0-2 + 6-8,
+                                                                   norm2.linear = chunks 3-5 + 9-11
+  mixins.adaln_layer.query_layernorm_list.N | key_layernorm_list.N -> transformer_blocks.N.attn1.norm_q | norm_k
+  transformer.final_layernorm -> norm_final;   time_embed.0 | .2 -> time_embedding.linear_1 | linear_2
+  ofs_embed.0 | .2 -> ofs_embedding.linear_1 | linear_2 (1.5 I2V)
+  mixins.patch_embed.proj | text_proj -> patch_embed.proj | text_proj
+  mixins.pos_embed.pos_embedding -> patch_embed.pos_embedding (the learned table of 5B-I2V; dropped where diffusers
+  recomputes it)
+  mixins.final_layer.norm_final | linear | adaLN_modulation.1 -> norm_out.norm | proj_out | norm_out.linear
+  dropped: freqs_sin/freqs_cos (RoPE tables), word/position embeddings of the SAT base transformer.
+LoRA: query_key_value.matrix_A.i / matrix_B.i (i = 0, 1, 2) -> to_q/to_k/to_v lora_A / lora_B; dense.matrix_A.0 /
+matrix_B.0 -> to_out.0. SAT's LoraMixin (sat/model/finetune/lora2.py) runs at scaling lora_alpha / r with default
+lora_alpha = 1, and CogVideo's configs set only r (128 for 2B, 256 for 5B): scale 1/r unless --alpha says otherwise.
+The official finetune trainer (finetune/schemas/args.py) trains at rank 128, lora_alpha 64 and saves no alpha.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import CogtuneError
+from .lora_formats import PREFIX, WEIGHT_NAME, LoraWeights, build_lora_config, cli_group, read_lora, write_diffusers
+
+SAT_PREFIX = "model.diffusion_model."
+SAT_FILE = "mp_rank_00_model_states.pt"
+SAT_LORA_ALPHA = 1.0  # sat.model.finetune.lora2.LoraMixin default
+FINETUNE_LORA_ALPHA = 64.0  # CogVideo finetune/schemas/args.py default (rank 128)
+_W = r"(weight|bias)"
+_RENAMES = [(re.compile(pattern), repl) for pattern, repl in [
+    (rf"transformer\.layers\.(\d+)\.attention\.dense\.{_W}", r"transformer_blocks.\1.attn1.to_out.0.\2"),
+    (rf"transformer\.layers\.(\d+)\.mlp\.dense_h_to_4h\.{_W}", r"transformer_blocks.\1.ff.net.0.proj.\2"),
+    (rf"transformer\.layers\.(\d+)\.mlp\.dense_4h_to_h\.{_W}", r"transformer_blocks.\1.ff.net.2.\2"),
+    (rf"transformer\.layers\.(\d+)\.input_layernorm\.{_W}", r"transformer_blocks.\1.norm1.norm.\2"),
+    (rf"transformer\.layers\.(\d+)\.post_attention_layernorm\.{_W}", r"transformer_blocks.\1.norm2.norm.\2"),
+    (rf"mixins\.adaln_layer\.query_layernorm_list\.(\d+)\.{_W}", r"transformer_blocks.\1.attn1.norm_q.\2"),
+    (rf"mixins\.adaln_layer\.key_layernorm_list\.(\d+)\.{_W}", r"transformer_blocks.\1.attn1.norm_k.\2"),
+    (rf"transformer\.final_layernorm\.{_W}", r"norm_final.\1"),
+    (rf"time_embed\.0\.{_W}", r"time_embedding.linear_1.\1"),
+    (rf"time_embed\.2\.{_W}", r"time_embedding.linear_2.\1"),
+    (rf"ofs_embed\.0\.{_W}", r"ofs_embedding.linear_1.\1"),
+    (rf"ofs_embed\.2\.{_W}", r"ofs_embedding.linear_2.\1"),
+    (rf"mixins\.patch_embed\.(proj|text_proj)\.{_W}", r"patch_embed.\1.\2"),
+    (r"mixins\.pos_embed\.pos_embedding", r"patch_embed.pos_embedding"),
+    (rf"mixins\.final_layer\.norm_final\.{_W}", r"norm_out.norm.\1"),
+    (rf"mixins\.final_layer\.linear\.{_W}", r"proj_out.\1"),
+    (rf"mixins\.final_layer\.adaLN_modulation\.1\.{_W}", r"norm_out.linear.\1"),
+]]
+_QKV = re.compile(rf"transformer\.layers\.(\d+)\.attention\.query_key_value\.{_W}")
+_ADALN = re.compile(rf"mixins\.adaln_layer\.adaLN_modulations\.(\d+)\.1\.{_W}")
+_DROP = re.compile(r"(freqs_sin|freqs_cos|embed_tokens|word_embeddings|position_embeddings)")
+_LORA = re.compile(r"transformer\.layers\.(\d+)\.attention\.(query_key_value|dense)\.matrix_([AB])\.(\d)")
+
+
+# --- reading a SAT checkpoint ---------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The file to read: a SAT .pt, or an official-trainer LoRA .safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "latest").is_file():
+            iteration = (path / "latest").read_text().strip()
+            candidate = path / iteration / SAT_FILE
+            if not candidate.is_file():
+                raise CogtuneError(f"{path}/latest names iteration {iteration}, but {candidate} does not exist")
+            return candidate
+        for name in (SAT_FILE, WEIGHT_NAME):
+            if (path / name).is_file():
+                return path / name
+        raise CogtuneError(f"{path} holds no {SAT_FILE}, no `latest` file and no {WEIGHT_NAME}: "
+                           "give a SAT checkpoint file or folder")
+    if not path.is_file():
+        raise CogtuneError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_sat_state_dict(path: Path, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The `model.diffusion_model.*` tensors of a SAT checkpoint (nested under model/module/state_dict)."""
+    try:
+        saved = torch.load(str(path), map_location="cpu", weights_only=not unsafe_pickle, mmap=True)
+    except pickle.UnpicklingError:
+        raise CogtuneError(f"{path} holds Python objects besides tensors; if you trust the file, "
+                           "add --unsafe-pickle to load it in full") from None
+    except Exception as e:
+        raise CogtuneError(f"{path} cannot be read as a PyTorch checkpoint ({e.__class__.__name__}): "
+                           "is it complete?") from None
+    state = saved
+    for key in ("model", "module", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and k.startswith(SAT_PREFIX)}
+    if not tensors:
+        raise CogtuneError(f"{path} has no {SAT_PREFIX}* tensors: not a SAT CogVideoX checkpoint")
+    return tensors
+
+
+def sat_to_diffusers(sat: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(diffusers transformer state dict, dropped SAT keys) of the `model.diffusion_model.*` tensors."""
+    out: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for full_key, tensor in sat.items():
+        key = full_key.removeprefix(SAT_PREFIX).replace(".original.", ".")  # a LoRA checkpoint's base weights
+        if _DROP.search(key):
+            dropped.append(full_key)
+        elif m := _QKV.fullmatch(key):
+            for name, part in zip(("to_q", "to_k", "to_v"), tensor.chunk(3, dim=0)):
+                out[f"transformer_blocks.{m.group(1)}.attn1.{name}.{m.group(2)}"] = part.clone()
+        elif m := _ADALN.fullmatch(key):
+            c = tensor.chunk(12, dim=0)
+            out[f"transformer_blocks.{m.group(1)}.norm1.linear.{m.group(2)}"] = torch.cat(c[0:3] + c[6:9])
+            out[f"transformer_blocks.{m.group(1)}.norm2.linear.{m.group(2)}"] = torch.cat(c[3:6] + c[9:12])
+        else:
+            for pattern, repl in _RENAMES:
+                if pattern.fullmatch(key):
+                    out[pattern.sub(repl, key)] = tensor
+                    break
+            else:
+                raise CogtuneError(f"SAT key {full_key} has no diffusers counterpart: not a CogVideoX transformer "
+                                   "weight (is this a CogVideoX SAT checkpoint?)")
+    return out, dropped
+
+
+def infer_config(sd: dict[str, torch.Tensor], variant: str) -> dict:
+    """The variant's published transformer config with the sizes read off the weights (so any size converts)."""
+    from ..models.variants import detect_variant, real_configs
+
+    cfg = real_configs(variant)["transformer"]
+    need = ["transformer_blocks.0.attn1.to_q.weight", "transformer_blocks.0.attn1.norm_q.weight",
+            "time_embedding.linear_1.weight", "patch_embed.text_proj.weight", "patch_embed.proj.weight",
+            "proj_out.weight"]
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise CogtuneError(f"the checkpoint has no weight for diffusers' {missing[0]}: incomplete SAT checkpoint")
+    hidden = sd[need[0]].shape[1]
+    head_dim = sd[need[1]].shape[0]
+    proj = sd["patch_embed.proj.weight"]
+    p, pt = cfg["patch_size"], cfg["patch_size_t"]
+    if (proj.ndim == 4) != (pt is None):
+        kind = "Conv2d (CogVideoX 1.0)" if proj.ndim == 4 else "Linear (CogVideoX1.5)"
+        raise CogtuneError(f"the checkpoint's patch embedding is {kind}, which does not fit --variant {variant}")
+    cfg.update(
+        num_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")),
+        attention_head_dim=head_dim, num_attention_heads=hidden // head_dim,
+        time_embed_dim=sd["time_embedding.linear_1.weight"].shape[0],
+        text_embed_dim=sd["patch_embed.text_proj.weight"].shape[1],
+        in_channels=proj.shape[1] if proj.ndim == 4 else proj.shape[1] // (p * p * pt),
+        out_channels=sd["proj_out.weight"].shape[0] // (p * p * (pt or 1)),
+        attention_bias="transformer_blocks.0.attn1.to_q.bias" in sd,
+        ofs_embed_dim=sd["ofs_embedding.linear_1.weight"].shape[1] if "ofs_embedding.linear_1.weight" in sd else None,
+    )
+    if proj.ndim == 4:  # diffusers' 1.5 Linear patch projection always has a bias; patch_bias is for the Conv2d only
+        cfg["patch_bias"] = "patch_embed.proj.bias" in sd
+    found = detect_variant(cfg)
+    if found != variant:
+        raise CogtuneError(f"the checkpoint looks like {found} (in_channels={cfg['in_channels']}), not --variant "
+                           f"{variant}: pass --variant {found}")
+    return cfg
+
+
+def _read_config(path: str | Path) -> dict:
+    path = Path(path)
+    for candidate in (path, path / "config.json", path / "transformer" / "config.json"):
+        if candidate.is_file():
+            return {k: v for k, v in json.loads(candidate.read_text()).items() if not k.startswith("_")}
+    raise CogtuneError(f"--config {path}: no config.json there (give a transformer config.json or a model folder)")
+
+
+def check_against_model(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """`sd` restricted to what the model stores, or one line naming the first key or shape that does not fit."""
+    from ..infer.compat import model_skeleton
+
+    expected = {k: tuple(v.shape) for k, v in model_skeleton(config).state_dict().items()}
+    sd = {k: v for k, v in sd.items() if k in expected or k != "patch_embed.pos_embedding"}  # recomputed table
+    hint = "pass --config with the model's transformer config.json"
+    for key, shape in expected.items():
+        if key not in sd:
+            raise CogtuneError(f"the checkpoint has no weight for {key}: it does not match the config; {hint}")
+        if tuple(sd[key].shape) != shape:
+            raise CogtuneError(f"{key}: checkpoint shape {tuple(sd[key].shape)}, the config needs {shape}; {hint}")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise CogtuneError(f"the checkpoint's {extra[0]} has no place in the config's model; {hint}")
+    return sd
+
+
+# --- LoRAs ----------------------------------------------------------------------------------------------------
+
+
+def sat_lora_to_diffusers(sat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for full_key, tensor in sat.items():
+        if ".matrix_" not in full_key:
+            continue
+        m = _LORA.fullmatch(full_key.removeprefix(SAT_PREFIX))
+        if m is None:
+            raise CogtuneError(f"SAT LoRA key {full_key} is not a CogVideoX attention LoRA matrix")
+        block, where, role, i = m.groups()
+        name = ("to_q", "to_k", "to_v")[int(i)] if where == "query_key_value" else "to_out.0"
+        out[f"{PREFIX}transformer_blocks.{block}.attn1.{name}.lora_{role}.weight"] = tensor.contiguous()
+    return out
+
+
+def _lora_weights(state_dict: dict[str, torch.Tensor], alpha: float, variant: str, source: str) -> LoraWeights:
+    ranks = {k.removeprefix(PREFIX).rsplit(".lora_A", 1)[0]: int(v.shape[0])
+             for k, v in state_dict.items() if ".lora_A." in k}
+    alphas = {m: float(alpha) for m in ranks}
+    config = build_lora_config(ranks, alphas)
+    short = sorted({m.split(".attn1.")[-1] for m in ranks})
+    cogtune = {"cogtune.variant": variant, "cogtune.rank": str(config["r"]), "cogtune.alpha": str(config["lora_alpha"]),
+               "cogtune.target_modules": json.dumps(short), "cogtune.converted_from": source}
+    return LoraWeights(state_dict, alphas, config, cogtune, {}, "diffusers", True)
+
+
+def _lora_out(out: Path) -> Path:
+    return out if out.suffix == ".safetensors" else out / WEIGHT_NAME
+
+
+def convert_official_lora(path: Path, out: Path, variant: str, alpha: float | None = None) -> Path:
+    lora = read_lora(path)
+    if lora.source_format != "diffusers":
+        raise CogtuneError(f"{path} is a {lora.source_format} LoRA: use `cogtune lora convert` for it")
+    if lora.alpha_stored and alpha is None:
+        raise CogtuneError(f"{path} already records its LoRA config (rank {lora.lora_config.get('r')}, alpha "
+                           f"{lora.lora_config.get('lora_alpha')}): it loads at its trained scale as it is")
+    rank = lora.rank(lora.modules[0])
+    if alpha is None:
+        alpha = FINETUNE_LORA_ALPHA
+        print(f"note: {path.name} records no alpha (CogVideo finetune trainer output): assuming that trainer's "
+              f"default lora_alpha={alpha:g} with rank {rank} (scale {alpha / rank:g}); pass --alpha if you trained "
+              "with another")
+    return write_diffusers(_lora_weights(lora.state_dict, alpha, variant, "cogvideo-finetune"), _lora_out(out))
+
+
+def convert_sat_lora(sat: dict[str, torch.Tensor], out: Path, variant: str, alpha: float | None = None) -> Path:
+    state_dict = sat_lora_to_diffusers(sat)
+    rank = next(v.shape[0] for k, v in state_dict.items() if ".lora_A." in k)
+    if alpha is None:
+        alpha = SAT_LORA_ALPHA
+        print(f"note: SAT LoRAs store no alpha: using SAT's default lora_alpha=1 with rank {rank} (scale 1/{rank}, "
+              "as CogVideo's tools/load_cogvideox_lora.py applies); pass --alpha if your lora_config set lora_alpha")
+    return write_diffusers(_lora_weights(state_dict, alpha, variant, "sat"), _lora_out(out))
+
+
+# --- entry points ---------------------------------------------------------------------------------------------
+
+
+def convert_sat(ckpt: str | Path, out: str | Path, variant: str, alpha: float | None = None,
+                config: str | Path | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
+                overwrite: bool = False, unsafe_pickle: bool = False) -> Path:
+    """Convert CKPT (SAT full/LoRA checkpoint, or an official-trainer LoRA) into OUT; returns what was written."""
+    from ..models.variants import get_variant
+    from .shards import save_transformer_folder
+
+    get_variant(variant)
+    path, out = resolve_checkpoint(ckpt), Path(out)
+    if path.suffix == ".safetensors":
+        return convert_official_lora(path, out, variant, alpha)
+    sat = load_sat_state_dict(path, unsafe_pickle)
+    if any(".matrix_A." in k for k in sat):
+        return convert_sat_lora(sat, out, variant, alpha)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # say so before converting
+        raise CogtuneError(f"output folder {out} is not empty: choose a new path or pass --overwrite to replace it")
+    sd, _ = sat_to_diffusers(sat)
+    cfg = _read_config(config) if config else infer_config(sd, variant)
+    sd = check_against_model(sd, cfg)
+    return save_transformer_folder(sd, {"_class_name": "CogVideoXTransformer3DModel", **cfg}, out, dtype=dtype,
+                                   max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def _cmd_sat(args) -> None:
+    path = convert_sat(args.ckpt, args.out, args.variant, alpha=args.alpha, config=args.config, dtype=args.dtype,
+                       max_shard_size=args.max_shard_size, overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle)
+    print(f"wrote {path}")
+
+
+def register_cli(subparsers) -> None:
+    """Adds `cogtune convert sat CKPT OUT --variant V [...]` to the top-level subparsers."""
+    from ..models.variants import VARIANTS
+
+    convert = cli_group(subparsers, "convert", "convert foreign checkpoints to diffusers")
+    p = convert.add_parser("sat", help="SAT checkpoint or LoRA (or an alpha-less official-trainer LoRA) -> diffusers")
+    p.add_argument("ckpt", metavar="CKPT", help=f"{SAT_FILE}, a SAT save folder, or an official-trainer LoRA")
+    p.add_argument("out", metavar="OUT", help="transformer folder (full checkpoint) or LoRA folder/.safetensors")
+    p.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: SAT 1; official finetune trainer 64)")
+    p.add_argument("--config", help="transformer config.json (or model folder) to use instead of the published one")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT folder")
+    p.add_argument("--unsafe-pickle", action="store_true", help="unpickle Python objects in CKPT (trusted files only)")
+    p.set_defaults(func=_cmd_sat)

@@ -1,0 +1,115 @@
+"""Checkpoints that never half-exist, and resume that never silently starts fresh.
+
+`{output_dir}/checkpoint-{step}/` is written as `.checkpoint-{step}.tmp/` and renamed when complete; only folders
+holding `trainer_state.json` count, so a write killed midway leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CogtuneError
+
+STATE = "trainer_state.json"
+TRAINABLE = "trainable.safetensors"
+# What a resumed run must share with the run that wrote the checkpoint (max_steps, logging, validation may change).
+MUST_MATCH = ("model.path", "model.variant", "method", "lora.rank", "lora.alpha", "lora.target_modules",
+              "data.root", "data.frames", "data.height", "data.width", "data.sampling", "data.crop", "seed",
+              "batch_size", "gradient_accumulation_steps", "distributed.strategy", "world_size")
+
+
+def _dig(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def checkpoints(out: Path) -> list[Path]:
+    found = [p for p in Path(out).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(resume: str | None, out: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume in ("latest", "auto"):
+        found = checkpoints(out)
+        if found:
+            return found[-1]
+        if resume == "auto":
+            return None
+        raise CogtuneError(f"resume: latest: no complete checkpoint-N folder in {out} "
+                           f"(use resume: auto to start fresh when there is none)")
+    path = Path(resume)
+    if not (path / STATE).is_file():
+        raise CogtuneError(f"resume: {path} is not a complete cogtune checkpoint (no {STATE}); "
+                           f"complete ones: {', '.join(p.name for p in checkpoints(out)) or 'none'}")
+    return path
+
+
+def check_compatible(saved: dict, current: dict, path: Path) -> None:
+    for key in MUST_MATCH:
+        a, b = _dig(saved, key), _dig(current, key)
+        if a != b:
+            raise CogtuneError(f"resume: {path} was written with {key}={a!r}, this run has {key}={b!r}; "
+                               f"a checkpoint only continues the run that wrote it")
+
+
+def install_trainable_only_hooks(accelerator, model) -> None:
+    """Without DeepSpeed/FSDP, save only the parameters that train (a LoRA checkpoint is MBs, not the 11 GB base)."""
+
+    def save_hook(models, weights, output_dir):
+        unwrapped = accelerator.unwrap_model(model)
+        state = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
+        if accelerator.is_main_process:
+            save_file(state, str(Path(output_dir) / TRAINABLE))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        unwrapped = accelerator.unwrap_model(model)
+        state = load_file(str(Path(input_dir) / TRAINABLE))
+        trainable = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+        if set(state) != trainable:
+            missing = sorted(trainable - set(state))[:1] or sorted(set(state) - trainable)[:1]
+            raise CogtuneError(f"resume: {input_dir} does not match this model's trainable parameters (e.g. {missing[0]})")
+        params = dict(unwrapped.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, config: dict, keep_last: int | None) -> Path:
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        (tmp / STATE).write_text(json.dumps(trainer_state, indent=1))  # last: its presence marks completeness
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep_last:
+            for old in checkpoints(out)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path, current_config: dict) -> dict:
+    saved_cfg = json.loads((path / "config.json").read_text())
+    check_compatible(saved_cfg, current_config, path)
+    accelerator.load_state(str(path))
+    return json.loads((path / STATE).read_text())

@@ -1,0 +1,81 @@
+"""One config, any topology: the Accelerator for a strategy, with DeepSpeed / FSDP2 settings generated from the run.
+
+Launch with `torchrun` (or `accelerate launch`, or `cogtune train --nproc N`); the strategy decides how the model is
+sharded, the launcher only how many processes exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from ..errors import CogtuneError
+
+DEEPSPEED = {"zero2": (2, False), "zero2_offload": (2, True), "zero3": (3, False), "zero3_offload": (3, True)}
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def deepspeed_config(cfg) -> dict:
+    """A complete DeepSpeed config; batch sizes are explicit because accelerate under torchrun on CPU would
+    otherwise size train_batch_size for one process and fail DeepSpeed's consistency check."""
+    if cfg.distributed.deepspeed_config:
+        path = Path(cfg.distributed.deepspeed_config)
+        try:
+            user = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CogtuneError(f"distributed.deepspeed_config: cannot read {path} ({e.__class__.__name__})") from None
+    else:
+        user = {}
+    stage, offload = DEEPSPEED[cfg.distributed.strategy]
+    zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    generated = {
+        "train_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size(),
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": cfg.optimizer.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.mixed_precision == "bf16"},
+        "fp16": {"enabled": cfg.mixed_precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+    }
+    return generated | user  # a user's JSON wins key by key
+
+
+def make_accelerator(cfg) -> Accelerator:
+    strategy = cfg.distributed.strategy
+    kwargs = dict(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    if strategy in DEEPSPEED:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise CogtuneError(f"distributed.strategy={strategy} needs DeepSpeed: pip install 'cogtune[deepspeed]'") from None
+        from accelerate.utils import DeepSpeedPlugin
+
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg))
+    elif strategy == "fsdp2":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["CogVideoXBlock"],
+            reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT", cpu_ram_efficient_loading=False,
+        )
+    return Accelerator(**kwargs)
+
+
+def is_sharded(cfg) -> bool:
+    """Parameters live on several ranks: every rank must take part in forward passes and in gathering weights."""
+    return cfg.distributed.strategy in ("zero3", "zero3_offload", "fsdp2")

@@ -1,0 +1,193 @@
+"""diffusers <-> ComfyUI LoRA conversion on a real tiny CogVideoX-5B: names, bit-exact round trip, same effect.
+
+Also holds the small helpers the other export tests use (`make_lora`, `transformer_inputs`, `run_transformer`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+from peft import LoraConfig
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cogtune.export.lora_formats import (
+    WEIGHT_NAME, load_lora_any, load_lora_into_pipeline, read_lora, register_cli, write_comfyui, write_diffusers,
+)
+from cogtune.train.lora import save_lora
+
+# ComfyUI core's native CogVideoX (comfy/ldm/cogvideo/model.py) names, written out here independently of the code
+# under test: diffusers module -> ComfyUI module.
+NATIVE_BLOCK = {"attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v", "attn1.to_out.0": "attn_out",
+                "ff.net.0.proj": "ff_proj", "ff.net.2": "ff_out", "norm1.linear": "norm1.linear",
+                "norm2.linear": "norm2.linear"}
+NATIVE_TOP = {"patch_embed.proj": "patch_embed.proj", "patch_embed.text_proj": "patch_embed.text_proj",
+              "time_embedding.linear_1": "time_embedding_linear_1",
+              "time_embedding.linear_2": "time_embedding_linear_2",
+              "norm_out.linear": "norm_out.linear", "proj_out": "proj_out"}
+WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear", "proj_out",
+                "time_embedding.linear_1", "patch_embed.proj"]
+
+
+def native_name(module: str) -> str:
+    m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module)
+    return f"blocks.{m.group(1)}.{NATIVE_BLOCK[m.group(2)]}" if m else NATIVE_TOP[module]
+
+
+def make_lora(model: Path, out: Path, rank: int = 4, alpha: float = 2, targets=("to_q", "to_k", "to_v", "to_out.0"),
+              alpha_pattern: dict | None = None, seed: int = 1, variant: str = "cogvideox-5b"):
+    """A peft LoRA on the model's transformer with random (non-zero) A and B, saved by cogtune's save_lora.
+
+    Returns (file, transformer with the adapter active) — the transformer is the reference output.
+    """
+    transformer = CogVideoXTransformer3DModel.from_pretrained(str(model / "transformer"))
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), alpha_pattern=alpha_pattern or {},
+                     init_lora_weights=True)
+    transformer.add_adapter(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    path = save_lora(transformer, out, {"variant": variant, "base_model": str(model)})
+    return path, transformer.eval()
+
+
+def transformer_inputs(config, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    frames = 2 * (config.patch_size_t or 1)
+    hidden = torch.randn(1, frames, config.in_channels, config.sample_height, config.sample_width, generator=gen)
+    text = torch.randn(1, config.max_text_seq_length, config.text_embed_dim, generator=gen)  # positions cover 226
+    inputs = {"hidden_states": hidden, "encoder_hidden_states": text,
+              "timestep": torch.tensor([500])}
+    if config.ofs_embed_dim:
+        inputs["ofs"] = torch.tensor([2.0])
+    return inputs
+
+
+def run_transformer(transformer, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return transformer(**inputs, return_dict=False)[0]
+
+
+@pytest.fixture(scope="module")
+def wide_lora(tiny_model, tmp_path_factory):
+    model = tiny_model("cogvideox-5b")
+    path, ref = make_lora(model, tmp_path_factory.mktemp("wide"), rank=4, alpha=2, targets=WIDE_TARGETS,
+                          alpha_pattern={"proj_out": 8})
+    return model, path, ref
+
+
+def test_comfyui_keys_follow_native_naming(wide_lora, tmp_path):
+    _, path, _ = wide_lora
+    comfy = write_comfyui(read_lora(path), tmp_path / "c.safetensors")
+    keys = list(load_file(str(comfy)))
+    diffusers_modules = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in load_file(str(path))}
+    expected = {f"diffusion_model.{native_name(m)}.{s}" for m in diffusers_modules
+                for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert set(keys) == expected
+    assert "diffusion_model.blocks.1.attn_out.lora_down.weight" in keys
+    assert "diffusion_model.time_embedding_linear_1.alpha" in keys
+    tensors = load_file(str(comfy))
+    assert tensors["diffusion_model.proj_out.alpha"].item() == 8.0  # alpha_pattern survives, per module
+    assert tensors["diffusion_model.blocks.0.q.alpha"].item() == 2.0
+
+
+def test_round_trip_is_bit_exact(wide_lora, tmp_path):
+    _, path, _ = wide_lora
+    comfy = write_comfyui(read_lora(path), tmp_path / "c.safetensors")
+    back = write_diffusers(read_lora(comfy), tmp_path / "back")
+    assert back == tmp_path / "back" / WEIGHT_NAME
+    a, b = load_file(str(path)), load_file(str(back))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    with safe_open(str(path), "pt") as f1, safe_open(str(back), "pt") as f2:
+        assert f1.metadata() == f2.metadata()  # same LoraConfig (alpha, patterns) and cogtune.* keys
+
+
+def test_comfy_application_equals_diffusers_fuse(wide_lora, tmp_path):
+    model, path, _ = wide_lora
+    comfy = load_file(str(write_comfyui(read_lora(path), tmp_path / "c.safetensors")))
+    base = CogVideoXTransformer3DModel.from_pretrained(str(model / "transformer")).state_dict()
+    by_native = {native_name(m): m for m in {k.rsplit(".weight", 1)[0] for k in base if k.endswith(".weight")}
+                 if re.fullmatch(r"transformer_blocks\.\d+\.(.+)", m) and m.split(".", 2)[2] in NATIVE_BLOCK
+                 or m in NATIVE_TOP}
+    expected = {}
+    for key in comfy:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        native = key.removeprefix("diffusion_model.").removesuffix(".lora_down.weight")
+        down, up = comfy[key], comfy[key.replace("lora_down", "lora_up")]
+        alpha = comfy[key.replace("lora_down.weight", "alpha")].item()
+        w = base[by_native[native] + ".weight"]
+        expected[by_native[native]] = w + alpha / down.shape[0] * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+
+    pipe = CogVideoXPipeline.from_pretrained(str(model))
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="x")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = pipe.transformer.state_dict()
+    assert len(expected) == len({k.rsplit(".lora_", 1)[0] for k in load_file(str(path))})
+    for module, w in expected.items():
+        torch.testing.assert_close(fused[module + ".weight"], w, atol=1e-6, rtol=1e-6)
+        assert not torch.equal(fused[module + ".weight"], base[module + ".weight"])
+
+
+def test_comfyui_lora_loads_like_the_diffusers_one(wide_lora, tmp_path):
+    model, path, ref = wide_lora
+    comfy = write_comfyui(read_lora(path), tmp_path / "c.safetensors")
+    state_dict, config, cogtune = load_lora_any(comfy)
+    assert all(k.startswith("transformer.") and ".lora_" in k for k in state_dict)
+    assert config["lora_alpha"] == 2 and cogtune["cogtune.variant"] == "cogvideox-5b"
+
+    pipe = CogVideoXPipeline.from_pretrained(str(model))
+    inputs = transformer_inputs(pipe.transformer.config)
+    base = run_transformer(pipe.transformer, inputs)
+    load_lora_into_pipeline(pipe, comfy, "from_comfy")
+    got = run_transformer(pipe.transformer, inputs)
+
+    pipe2 = CogVideoXPipeline.from_pretrained(str(model))
+    pipe2.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="orig")
+    want = run_transformer(pipe2.transformer, inputs)
+    assert (want - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run_transformer(ref, inputs), want, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_convert_both_ways(wide_lora, tmp_path, capsys):
+    _, path, _ = wide_lora
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    for argv in (["lora", "convert", str(path.parent), str(tmp_path / "c.safetensors"), "--to", "comfyui"],
+                 ["lora", "convert", str(tmp_path / "c.safetensors"), str(tmp_path / "d"), "--to", "diffusers"]):
+        args = parser.parse_args(argv)
+        args.func(args)
+    assert "wrote comfyui LoRA" in capsys.readouterr().out
+    a, b = load_file(str(path)), load_file(str(tmp_path / "d" / WEIGHT_NAME))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_foreign_comfyui_lora_without_metadata(wide_lora, tmp_path):
+    """A ComfyUI file from elsewhere: lora_A/lora_B names, per-module .alpha, no metadata at all."""
+    model, path, _ = wide_lora
+    comfy = load_file(str(write_comfyui(read_lora(path), tmp_path / "c.safetensors")))
+    foreign = {k.replace("lora_down", "lora_A").replace("lora_up", "lora_B"): v for k, v in comfy.items()}
+    save_file(foreign, str(tmp_path / "foreign.safetensors"))  # no metadata
+    lora = read_lora(tmp_path / "foreign.safetensors")
+    assert lora.source_format == "comfyui" and lora.alphas["proj_out"] == 8
+    assert lora.alphas["transformer_blocks.0.attn1.to_q"] == 2
+    assert lora.lora_config["lora_alpha"] == 2 and lora.lora_config["alpha_pattern"] == {"^proj_out": 8.0}
+
+    pipe = CogVideoXPipeline.from_pretrained(str(model))
+    inputs = transformer_inputs(pipe.transformer.config)
+    load_lora_into_pipeline(pipe, tmp_path / "foreign.safetensors", "foreign")
+    pipe2 = CogVideoXPipeline.from_pretrained(str(model))
+    pipe2.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="orig")
+    torch.testing.assert_close(run_transformer(pipe.transformer, inputs), run_transformer(pipe2.transformer, inputs),
+                               atol=1e-5, rtol=1e-5)

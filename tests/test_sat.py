@@ -1,0 +1,213 @@
+"""`cogtune convert sat`: SAT checkpoints and LoRAs, laid out here from the documented SAT naming, convert back exactly.
+
+The SAT layout is built in the test from a tiny diffusers transformer (q/k/v fused into query_key_value, the two
+adaLN linears interleaved into one 12-chunk `adaLN_modulations.N.1`, ...), following CogVideo's SAT model names as
+the official converters (diffusers scripts/convert_cogvideox_to_diffusers.py, CogVideo tools/) read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from cogtune.errors import CogtuneError
+from cogtune.export.sat import register_cli
+from test_lora_formats import make_lora, run_transformer, transformer_inputs
+
+P = "model.diffusion_model."
+
+
+def to_sat(sd: dict[str, torch.Tensor], layers: int, rope: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for i in range(layers):
+        b, L = f"transformer_blocks.{i}.", f"{P}transformer.layers.{i}."
+        for wb in ("weight", "bias"):
+            out[f"{L}attention.query_key_value.{wb}"] = torch.cat([sd[f"{b}attn1.to_{x}.{wb}"] for x in "qkv"])
+            out[f"{L}attention.dense.{wb}"] = sd[f"{b}attn1.to_out.0.{wb}"]
+            out[f"{L}mlp.dense_h_to_4h.{wb}"] = sd[f"{b}ff.net.0.proj.{wb}"]
+            out[f"{L}mlp.dense_4h_to_h.{wb}"] = sd[f"{b}ff.net.2.{wb}"]
+            out[f"{L}input_layernorm.{wb}"] = sd[f"{b}norm1.norm.{wb}"]
+            out[f"{L}post_attention_layernorm.{wb}"] = sd[f"{b}norm2.norm.{wb}"]
+            out[f"{P}mixins.adaln_layer.query_layernorm_list.{i}.{wb}"] = sd[f"{b}attn1.norm_q.{wb}"]
+            out[f"{P}mixins.adaln_layer.key_layernorm_list.{i}.{wb}"] = sd[f"{b}attn1.norm_k.{wb}"]
+            n1, n2 = sd[f"{b}norm1.linear.{wb}"].chunk(6), sd[f"{b}norm2.linear.{wb}"].chunk(6)
+            # SAT order: shift/scale/gate msa, shift/scale/gate mlp, then the same six for the text tokens
+            out[f"{P}mixins.adaln_layer.adaLN_modulations.{i}.1.{wb}"] = torch.cat(n1[:3] + n2[:3] + n1[3:] + n2[3:])
+    top = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+           "ofs_embed.0": "ofs_embedding.linear_1", "ofs_embed.2": "ofs_embedding.linear_2",
+           "mixins.patch_embed.proj": "patch_embed.proj", "mixins.patch_embed.text_proj": "patch_embed.text_proj",
+           "transformer.final_layernorm": "norm_final", "mixins.final_layer.norm_final": "norm_out.norm",
+           "mixins.final_layer.linear": "proj_out", "mixins.final_layer.adaLN_modulation.1": "norm_out.linear"}
+    for sat_name, name in top.items():
+        for wb in ("weight", "bias"):
+            if f"{name}.{wb}" in sd:
+                out[f"{P}{sat_name}.{wb}"] = sd[f"{name}.{wb}"]
+    if "patch_embed.pos_embedding" in sd:  # 5B-I2V's learned table
+        out[f"{P}mixins.pos_embed.pos_embedding"] = sd["patch_embed.pos_embedding"]
+    elif rope:
+        out[f"{P}mixins.pos_embed.freqs_sin"] = torch.randn(4, 8)  # RoPE tables: recomputed, dropped
+    else:
+        out[f"{P}mixins.pos_embed.pos_embedding"] = torch.randn(1, 300, 32)  # 2B sin-cos table: recomputed, dropped
+    out["first_stage_model.encoder.conv_in.weight"] = torch.randn(2)  # not the transformer: ignored
+    return out
+
+
+def save_sat(module: dict[str, torch.Tensor], folder, **extra):
+    (folder / "1000").mkdir(parents=True)
+    torch.save({"module": module, "iteration": 1000, "dp_world_size": 1, **extra},
+               folder / "1000" / "mp_rank_00_model_states.pt")
+    (folder / "latest").write_text("1000\n")
+    return folder
+
+
+def cli(argv):
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["convert", "sat", *map(str, argv)])
+    args.func(args)
+
+
+@pytest.mark.parametrize("variant", ["cogvideox-2b", "cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"])
+def test_full_checkpoint_converts_back_exactly(tiny_model, tmp_path, variant):
+    model = tiny_model(variant)
+    original = CogVideoXTransformer3DModel.from_pretrained(str(model / "transformer")).eval()
+    sd = original.state_dict()
+    cfg = original.config
+    ckpt = save_sat(to_sat(sd, cfg.num_layers, cfg.use_rotary_positional_embeddings), tmp_path / "sat")
+    # sample_* (the size of 2B's sin-cos and 5B-I2V's learned tables) cannot be read off the weights: without --config
+    # they are the published ones; the tiny model has its own. 1.5 goes without --config: its sizes are all inferred.
+    extra = ["--config", model / "transformer"] if not cfg.use_rotary_positional_embeddings or \
+        cfg.use_learned_positional_embeddings else []
+    cli([ckpt, tmp_path / "out", "--variant", variant, "--max-shard-size", "40KB", *extra])
+
+    converted = CogVideoXTransformer3DModel.from_pretrained(str(tmp_path / "out")).eval()
+    got = converted.state_dict()
+    assert got.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(got[k], sd[k]), k
+    for key in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "ofs_embed_dim",
+                "patch_bias"):
+        assert converted.config[key] == cfg[key], key
+    inputs = transformer_inputs(cfg)
+    # weights are bit-equal; the output may differ in the last float32 bit: diffusers' own save_pretrained with shards,
+    # loaded back, shows the same ~2e-7 (the sharded load path, not the data)
+    torch.testing.assert_close(run_transformer(converted, inputs), run_transformer(original, inputs),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_wrong_variant_is_one_line(tiny_model, tmp_path):
+    model = tiny_model("cogvideox1.5-5b-i2v")
+    sd = CogVideoXTransformer3DModel.from_pretrained(str(model / "transformer")).state_dict()
+    ckpt = save_sat(to_sat(sd, 2, True), tmp_path / "sat")
+    with pytest.raises(CogtuneError, match="patch embedding is Linear .* does not fit --variant cogvideox-5b"):
+        cli([ckpt, tmp_path / "out", "--variant", "cogvideox-5b"])
+    with pytest.raises(CogtuneError, match="looks like cogvideox1.5-5b-i2v .* pass --variant cogvideox1.5-5b-i2v"):
+        cli([ckpt, tmp_path / "out", "--variant", "cogvideox1.5-5b"])
+
+
+def test_pickled_objects_need_consent(tiny_model, tmp_path):
+    model = tiny_model("cogvideox-5b")
+    original = CogVideoXTransformer3DModel.from_pretrained(str(model / "transformer"))
+    ckpt = save_sat(to_sat(original.state_dict(), 2, True), tmp_path / "sat", args=argparse.Namespace(lr=1e-4))
+    with pytest.raises(CogtuneError, match="if you trust the file, add --unsafe-pickle"):
+        cli([ckpt, tmp_path / "out", "--variant", "cogvideox-5b"])
+    cli([ckpt, tmp_path / "out", "--variant", "cogvideox-5b", "--unsafe-pickle", "--dtype", "bf16"])
+    stored = load_file(str(tmp_path / "out" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    converted = CogVideoXTransformer3DModel.from_pretrained(str(tmp_path / "out"), torch_dtype=torch.bfloat16)
+    # sizes inferred from the weights, the rest from the published 5B config
+    assert all(torch.equal(v.bfloat16(), converted.state_dict()[k]) for k, v in original.state_dict().items())
+
+
+def sat_lora(transformer, layers: int) -> dict[str, torch.Tensor]:
+    """SAT LoRA layout of a peft LoRA on to_q/to_k/to_v/to_out.0, plus base weights as SAT's LoraLinear saves them."""
+    lora = {k.replace(".default", ""): v for k, v in get_peft_model_state_dict(transformer).items()}
+    out = {}
+    for i in range(layers):
+        b, L = f"transformer_blocks.{i}.attn1.", f"{P}transformer.layers.{i}.attention."
+        for j, x in enumerate("qkv"):
+            out[f"{L}query_key_value.matrix_A.{j}"] = lora[f"{b}to_{x}.lora_A.weight"]
+            out[f"{L}query_key_value.matrix_B.{j}"] = lora[f"{b}to_{x}.lora_B.weight"]
+        out[f"{L}dense.matrix_A.0"] = lora[f"{b}to_out.0.lora_A.weight"]
+        out[f"{L}dense.matrix_B.0"] = lora[f"{b}to_out.0.lora_B.weight"]
+        out[f"{L}dense.original.weight"] = torch.randn(32, 32)
+    return out
+
+
+@pytest.mark.parametrize("alpha,flag", [(1, []), (3, ["--alpha", "3"])])
+def test_sat_lora_loads_at_its_trained_scale(tiny_model, tmp_path, capsys, alpha, flag):
+    model = tiny_model("cogvideox-5b")
+    _, trained = make_lora(model, tmp_path / "peft", rank=4, alpha=alpha)  # SAT trains at lora_alpha/r, default 1/r
+    ckpt = save_sat(sat_lora(trained, 2), tmp_path / "sat")
+    cli([ckpt, tmp_path / "out", "--variant", "cogvideox-5b", *flag])
+    assert ("SAT's default lora_alpha=1" in capsys.readouterr().out) == (not flag)
+
+    pipe = CogVideoXPipeline.from_pretrained(str(model))
+    inputs = transformer_inputs(pipe.transformer.config)
+    base = run_transformer(pipe.transformer, inputs)
+    pipe.load_lora_weights(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors", adapter_name="s")
+    want = run_transformer(trained, inputs)
+    assert (want - base).abs().max() > 1e-3
+    torch.testing.assert_close(run_transformer(pipe.transformer, inputs), want, atol=1e-5, rtol=1e-5)
+
+
+def official_trainer_lora(model, out, seed=3):
+    """What CogVideo's finetune trainer saves: rank 128, lora_alpha 64, save_lora_weights without metadata."""
+    transformer = CogVideoXTransformer3DModel.from_pretrained(str(model / "transformer"))
+    transformer.add_adapter(LoraConfig(r=128, lora_alpha=64, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    CogVideoXPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return out / "pytorch_lora_weights.safetensors", transformer
+
+
+@pytest.mark.parametrize("flag,scale", [([], 0.5), (["--alpha", "32"], 0.25)])
+def test_official_trainer_lora_gets_its_alpha(tiny_model, tmp_path, capsys, flag, scale):
+    model = tiny_model("cogvideox-5b")
+    src, trained = official_trainer_lora(model, tmp_path / "official")
+    with safe_open(str(src), "pt") as f:
+        assert "lora_adapter_metadata" not in (f.metadata() or {})
+    cli([src.parent, tmp_path / "fixed", "--variant", "cogvideox-5b", *flag])
+    assert ("assuming that trainer's default lora_alpha=64 with rank 128 (scale 0.5)" in capsys.readouterr().out) \
+        == (not flag)
+
+    pipe = CogVideoXPipeline.from_pretrained(str(model))
+    inputs = transformer_inputs(pipe.transformer.config)
+    base = run_transformer(pipe.transformer, inputs)
+    pipe.load_lora_weights(str(tmp_path / "fixed"), weight_name="pytorch_lora_weights.safetensors", adapter_name="f")
+    got = run_transformer(pipe.transformer, inputs)
+    trained.set_adapters(["default"], [scale / 0.5])  # the trained model at scale alpha/r = 0.5, times the ratio
+    want = run_transformer(trained, inputs)
+    assert (want - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    with pytest.raises(CogtuneError, match="already records its LoRA config"):  # nothing to fix the second time
+        cli([tmp_path / "fixed", tmp_path / "again", "--variant", "cogvideox-5b"])
+
+
+@pytest.mark.parametrize("variant", ["cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b",
+                                     "cogvideox1.5-5b-i2v"])
+def test_real_size_layouts_map_onto_published_configs(variant):
+    """Real sizes, no memory: meta tensors laid out the SAT way come back as exactly the published model's keys."""
+    from cogtune.export.sat import check_against_model, infer_config, sat_to_diffusers
+    from cogtune.infer.compat import model_skeleton
+    from cogtune.models.variants import real_configs
+
+    published = real_configs(variant)["transformer"]
+    skeleton = model_skeleton(published)
+    sd = skeleton.state_dict()
+    layout = to_sat(sd, published["num_layers"], published["use_rotary_positional_embeddings"])
+    converted, _ = sat_to_diffusers({k: v for k, v in layout.items() if k.startswith(P)})
+    cfg = infer_config(converted, variant)
+    assert cfg == published
+    kept = check_against_model(converted, cfg)
+    assert {k: tuple(v.shape) for k, v in kept.items()} == {k: tuple(v.shape) for k, v in sd.items()}
