@@ -83,17 +83,24 @@ def cogtune_uniform(path: Path, frames: int, height: int, width: int) -> torch.T
     return load_clip(path, frames, height, width, "uniform")
 
 
-def frames_per_second(fn, clips: list[Path], frames: int, height: int, width: int, repeats: int) -> float:
-    fn(clips[0], frames, height, width)  # warm up (imports, codec setup)
-    rates = []
-    for _ in range(repeats):
-        start, made = time.perf_counter(), 0
-        for path in clips:
-            out = fn(path, frames, height, width)
-            assert out.shape == (frames, 3, height, width), out.shape
-            made += out.shape[0]
-        rates.append(made / (time.perf_counter() - start))
-    return statistics.median(rates)
+def measure(loaders: list, clips: list[Path], frames: int, height: int, width: int,
+            repeats: int) -> list[list[float]]:
+    """Frames per second of each loader, one figure per pass. Loaders take turns clip by clip (order rotating),
+    so a busy shared machine slows them alike and the ratios stay meaningful."""
+    for fn in loaders:
+        fn(clips[0], frames, height, width)  # warm up (imports, codec setup)
+    rates: list[list[float]] = [[] for _ in loaders]
+    for r in range(repeats):
+        spent = [0.0] * len(loaders)
+        for c, path in enumerate(clips):
+            for j in np.roll(np.arange(len(loaders)), r + c):
+                start = time.perf_counter()
+                out = loaders[j](path, frames, height, width)
+                spent[j] += time.perf_counter() - start
+                assert out.shape == (frames, 3, height, width), out.shape
+        for j in range(len(loaders)):
+            rates[j].append(frames * len(clips) / spent[j])
+    return rates
 
 
 def main() -> None:
@@ -110,7 +117,6 @@ def main() -> None:
         baseline, name = baseline_decord, f"decord {decord.__version__} VideoReader(uri, width, height)"
     except ImportError:
         baseline, name = baseline_pyav, "PyAV, all frames decoded (decord is not installed: pip install decord)"
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         clips = make_clips(Path(tmp), args.clips, 480, 720)
         lengths = [probe(p).frames for p in clips]
@@ -118,13 +124,15 @@ def main() -> None:
               f"{args.height}x{args.width} float32; median of {args.repeats} passes; torch threads "
               f"{torch.get_num_threads()}")
         size = (args.frames, args.height, args.width)
-        base = frames_per_second(baseline, clips, *size, args.repeats)
-        same = frames_per_second(cogtune_same_frames, clips, *size, args.repeats)
-        uniform = frames_per_second(cogtune_uniform, clips, *size, args.repeats)
-    print(f"baseline ({name}): {base:.1f} frames/s")
-    print(f"cogtune, the baseline's frames: {same:.1f} frames/s")
-    print(f"cogtune, uniform over the whole clip (default): {uniform:.1f} frames/s ({uniform / base:.2f}x)")
-    print(f"loader_speedup={same / base:.2f}")
+        base, same, uniform = measure([baseline, cogtune_same_frames, cogtune_uniform], clips, *size, args.repeats)
+    ratios = [s / b for s, b in zip(same, base)]
+    med = statistics.median
+    print(f"baseline ({name}): {med(base):.1f} frames/s")
+    print(f"cogtune, the baseline's frames: {med(same):.1f} frames/s (per-pass ratios "
+          f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"cogtune, uniform over the whole clip (default): {med(uniform):.1f} frames/s "
+          f"({med(u / b for u, b in zip(uniform, base)):.2f}x)")
+    print(f"loader_speedup={med(ratios):.2f}")
 
 
 if __name__ == "__main__":

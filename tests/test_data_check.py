@@ -176,3 +176,11 @@ def test_cli_table_json_and_exit_codes(dataset: Path, tmp_path: Path, capsys: py
     assert args.func(args) is None  # no problems: exit 0 even with --strict
     assert json.loads((tmp_path / "good.json").read_text())[0]["span"] == pytest.approx(9 / 17)
     assert "1 clips: 1 ok, 0 with problems" in capsys.readouterr().out
+    # frame buckets from the config: a 17-frame clip too short for 33 frames still fills the 17 bucket
+    config.write_text(yaml.safe_dump({"model": {"path": "unused"}, "data": {
+        "root": str(good), "frames": 33, "height": 32, "width": 32, "buckets": {"frames": [17]}}}))
+    args = cli("--config", str(config), "--json", str(tmp_path / "buckets.json"))
+    assert run_check(args) == 0
+    assert json.loads((tmp_path / "buckets.json").read_text())[0]["used_frames"] == 17
+    assert run_check(cli(str(good), "--frames", "33", "--height", "32", "--width", "32")) == 0
+    assert "too-short: clip has 17 frames but 33" in capsys.readouterr().out

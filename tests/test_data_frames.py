@@ -23,13 +23,24 @@ from cogtune.errors import CogtuneError
 SIZE = 32
 
 
-def index_clip(path: Path, n: int, fps: float) -> Path:
+def index_clip(path: Path, n: int, fps: float, keyframe_every: int | None = None) -> Path:
     """Frame i: left half grey (i // 16) * 16, right half grey (i % 16) * 16, coarse enough to survive H.264."""
     frames = np.zeros((n, SIZE, SIZE, 3), np.uint8)
     for i in range(n):
         frames[i, :, : SIZE // 2] = (i // 16) * 16
         frames[i, :, SIZE // 2:] = (i % 16) * 16
-    return write_mp4(frames, path, fps)
+    if keyframe_every is None:
+        return write_mp4(frames, path, fps)
+    with av.open(str(path), "w") as container:  # short GOPs with B-frames, so decoding really seeks
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width = stream.height = SIZE
+        stream.pix_fmt, stream.options = "yuv420p", {"g": str(keyframe_every), "bf": "2"}
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
 
 
 def levels(clip: torch.Tensor | np.ndarray) -> list[float]:
@@ -60,6 +71,7 @@ def clips(tmp_path_factory) -> dict[str, Path]:
         "10@8": index_clip(d / "e.mp4", 10, 8),
         "20@8": index_clip(d / "f.mp4", 20, 8),
         "120@24": index_clip(d / "g.mp4", 120, 24),
+        "120@24 gop 10": index_clip(d / "h.mp4", 120, 24, keyframe_every=10),
     }
 
 
@@ -131,6 +143,9 @@ def test_segment_seeks_and_span(clips: dict[str, Path]) -> None:
     assert indices(load(path, 18, start=4.0, end=4.75)) == list(range(96, 114))
     assert indices(load(path, 3, "head", start=1.0)) == [24, 25, 26]
     assert indices(read_frames(path, [119, 100, 70])) == [119, 100, 70]
+    seeking = clips["120@24 gop 10"]  # keyframes every 10 frames: decoding starts at the one before frame 96
+    assert indices(load(seeking, 9, "head", start=4.0, end=4.75)) == list(range(96, 105))
+    assert indices(read_frames(seeking, [117, 65, 119])) == [117, 65, 119]
     assert plan_frames(120, 24, 9, "head", start=4.0, end=4.75).span == pytest.approx(9 / 18)
     assert plan_frames(41, 12, 9).span == 1.0
     assert plan_frames(60, 24, 17, "fps", target_fps=8).span == pytest.approx((51 - 3 + 1) / 60)
@@ -169,6 +184,8 @@ def test_rotation_metadata_is_applied(tmp_path: Path) -> None:
     assert upright.shape == (48, 32, 3)  # portrait, as players show it
     assert upright[-8:, :8].mean() > 200 and upright[:8, :8].mean() < 50  # top-left went to bottom-left
     assert read_frames(path, [0], autorotate=False)[0].shape == (32, 48, 3)
+    half = ((load_clip(path, 1, 24, 16, "head")[0].permute(1, 2, 0) + 1) * 127.5).numpy()  # resized while converted
+    assert half.shape == (24, 16, 3) and half[-3:, :3].mean() > 200 and half[:4, :4].mean() < 50
 
 
 def test_video_clips_epochs_and_problems(clips: dict[str, Path]) -> None:

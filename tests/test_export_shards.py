@@ -120,5 +120,5 @@ def test_verify_names_the_problem(transformer, tmp_path):
         verify_transformer_folder(out, {**shapes, "extra.weight": (1,)})
     with pytest.raises(CogtuneError, match="1 unexpected keys.*proj_out.bias"):
         verify_transformer_folder(out, {k: s for k, s in shapes.items() if k != "proj_out.bias"})
-    with pytest.raises(CogtuneError, match=r"1 shapes differ.*proj_out.weight: \[64, 32\], expected \[64, 33\]"):
+    with pytest.raises(CogtuneError, match=r"1 shapes differ.*proj_out.weight: found \[64, 32\], expected \[64, 33\]"):
         verify_transformer_folder(out, {**shapes, "proj_out.weight": (64, 33)})

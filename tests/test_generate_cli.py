@@ -36,3 +36,35 @@ def test_generate_bad_lora_path(tiny_model, tmp_path, capsys):
                  str(tmp_path / "x.mp4"), "--lora", str(tmp_path / "nope")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "nope" in err
+
+
+def test_generate_cpu_options(tiny_model, tmp_path, capsys):
+    """On the CPU --cpu-offload is ignored with a note; VAE tiling/slicing and a negative prompt still work."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only behaviour")
+    out = tmp_path / "opts.mp4"
+    argv = ["generate", "--model", str(tiny_model("cogvideox-5b")), "--prompt", "a red circle", "--steps", "1",
+            "--negative-prompt", "blurry", "--cpu-offload", "--vae-tiling", "--vae-slicing", "--dtype", "fp32",
+            "--out", str(out)]
+    assert main(argv) == 0
+    assert "--cpu-offload needs CUDA; ignored" in capsys.readouterr().err
+    assert probe(out).frames == TINY_DEFAULTS["cogvideox-5b"]["frames"]
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--dtype", "fp16"], "fp16 needs a CUDA GPU"),
+    (["--frames", "10"], "8N+1"),
+    (["--height", "40"], "multiples of 16"),
+    (["--lora", "x.safetensors", "--fuse", "--compare"], "do not mix"),
+])
+def test_generate_option_errors(tiny_model, tmp_path, capsys, extra, expect):
+    import torch
+
+    if "fp16" in extra and torch.cuda.is_available():
+        pytest.skip("fp16 works with CUDA")
+    code = main(["generate", "--model", str(tiny_model("cogvideox-5b")), "--prompt", "x", "--out",
+                 str(tmp_path / "x.mp4"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expect in err, err

@@ -25,25 +25,56 @@ def _cmd_data_synth(args) -> None:
     print(f"wrote {len(written)} clips to {args.dir} (prompts.txt, videos.txt, videos/)")
 
 
-def _cmd_train(args) -> None:
+def _cmd_data_cache(args) -> None:
     from .config import load_config
-    from .train.loop import train
+    from .models.cogvideox import CogVideoXSpec
+    from .train.distributed import make_accelerator
+    from .train.encode import cache_root, prepare_data
 
     cfg = load_config(args.config, args.overrides)
+    accelerator = make_accelerator(cfg)  # under torchrun each rank encodes its own share
+    spec = CogVideoXSpec.load(cfg.model.path, cfg.model.variant)
+    spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
+    spec.encoders_to(accelerator.device)
+    data = prepare_data(spec, cfg, accelerator)
+    if accelerator.is_main_process:
+        print(f"cache {cache_root(cfg)}: {len(data.dataset)} clips ready, {len(data.skipped)} skipped; "
+              f"{data.report.summary()}")
+
+
+def _launch_torchrun(args) -> None:
+    """`cogtune train --nproc N`: re-run this command under torchrun on this node (N processes)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", f"--master_port={port}",
+           "-m", "cogtune", *(["--debug"] if args.debug else []), "train", args.config, *args.overrides]
+    code = subprocess.call(cmd)
+    if code:
+        raise SystemExit(code)
+
+
+def _cmd_train(args) -> None:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any process starts
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_torchrun(args)
+    from .train.loop import train
+
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if result.skipped:
         print(f"skipped {len(result.skipped)} clips:", *result.skipped, sep="\n  ")
-    print(f"trained {result.steps} steps on {result.clips} clips; LoRA: {result.lora_path}")
-
-
-def _cmd_generate(args) -> None:
-    from .infer.generate import generate
-
-    path = generate(
-        args.model, args.prompt, args.out, loras=args.lora or [], frames=args.frames, height=args.height,
-        width=args.width, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale, fps=args.fps,
-    )
-    print(f"wrote {path}")
+    if result.interrupted:
+        print(f"stopped at step {result.steps}; checkpoint: {result.checkpoint} (resume: latest continues it)")
+        return
+    saved = ", ".join(f"{k}: {v}" for k, v in result.outputs.items())
+    print(f"trained {result.steps} steps on {result.clips} clips; {saved}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,35 +97,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_data_synth)
+    c = d.add_parser("cache", help="encode every clip and caption of a training config into the latent cache")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*", metavar="key=value")
+    c.set_defaults(func=_cmd_data_cache)
+    from .data import check
+
+    check.register_cli(d)
 
     tr = sub.add_parser("train", help="train from a YAML config; key=value pairs override it")
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", metavar="key=value")
+    tr.add_argument("--nproc", type=int, default=1, help="start N processes on this node with torchrun")
     tr.set_defaults(func=_cmd_train)
 
-    g = sub.add_parser("generate", help="generate a video (T2V) with optional LoRA adapters")
-    g.add_argument("--model", required=True, help="diffusers CogVideoX pipeline folder")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--out", required=True, help="output .mp4")
-    g.add_argument("--lora", action="append", metavar="PATH[:WEIGHT][@NAME]", help="repeatable")
-    g.add_argument("--frames", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--guidance-scale", type=float, default=6.0)
-    g.add_argument("--fps", type=int)
-    g.set_defaults(func=_cmd_generate)
+    from .export import lora_formats, merge, sat
+
+    lora_formats.register_cli(sub)
+    merge.register_cli(sub)
+    sat.register_cli(sub)
+
+    from .infer import generate, webui
+
+    generate.register_cli(sub)
+    webui.register_cli(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "overrides", None) is not None:  # key=value pairs may come after options too
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads unless the user asks
+    if not args.debug:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars; ours stay
+        transformers_logging.disable_progress_bar()
     start = time.perf_counter()
     try:
         args.func(args)

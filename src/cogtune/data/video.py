@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import av
 import numpy as np
@@ -108,8 +108,22 @@ def _seek_start(container: av.container.InputContainer, stream: av.video.stream.
     return -1  # the index of the next frame is read from its timestamp
 
 
-def _decode(path: PathLike, wanted: set[int], autorotate: bool,
-            seek: bool = True) -> tuple[dict[int, np.ndarray], int]:
+def _to_rgb(frame: av.VideoFrame, autorotate: bool, scale: Callable[[int, int], tuple[int, int]] | None) -> np.ndarray:
+    """uint8 [H, W, 3], upright if autorotate; `scale(h, w)` (of the upright frame) gives the size to resize to,
+    done by swscale while converting (bilinear, several times faster than resizing float tensors)."""
+    k = round((getattr(frame, "rotation", 0) or 0) / 90) % 4 if autorotate else 0
+    h, w = (frame.height, frame.width) if k % 2 == 0 else (frame.width, frame.height)
+    th, tw = scale(h, w) if scale else (h, w)
+    if (th, tw) == (h, w):
+        img = frame.to_ndarray(format="rgb24")
+    else:
+        sh, sw = (th, tw) if k % 2 == 0 else (tw, th)  # the stored frame is resized before it is turned
+        img = frame.to_ndarray(format="rgb24", width=sw, height=sh, interpolation="BILINEAR")
+    return _rotate(img, 90 * k)
+
+
+def _decode(path: PathLike, wanted: set[int], autorotate: bool, seek: bool = True,
+            scale: Callable[[int, int], tuple[int, int]] | None = None) -> tuple[dict[int, np.ndarray], int]:
     """Decode frames `wanted` (RGB uint8); return them and how many frames were seen. Stops after the last one."""
     got: dict[int, np.ndarray] = {}
     last, seen = max(wanted), 0
@@ -123,12 +137,11 @@ def _decode(path: PathLike, wanted: set[int], autorotate: bool,
             for frame in container.decode(stream):
                 if i < 0:  # after a seek: place the first frame by its timestamp
                     if frame.pts is None or round((frame.pts - t0) * tb * rate) > min(wanted):
-                        return _decode(path, wanted, autorotate, seek=False)  # seek overshot: go the slow way
+                        return _decode(path, wanted, autorotate, False, scale)  # seek overshot: the slow way
                     i = round((frame.pts - t0) * tb * rate)
                 seen = i + 1
                 if i in wanted:
-                    img = frame.to_ndarray(format="rgb24")
-                    got[i] = _rotate(img, getattr(frame, "rotation", 0) or 0) if autorotate else img
+                    got[i] = _to_rgb(frame, autorotate, scale)
                 if i >= last:
                     break
                 i += 1
@@ -155,9 +168,10 @@ def read_frames(path: PathLike, indices: Sequence[int], autorotate: bool = True)
     return np.stack([got[i] for i in indices])
 
 
-def _decode_needed(path: PathLike, wanted: Iterable[int], autorotate: bool = True) -> dict[int, np.ndarray]:
+def _decode_needed(path: PathLike, wanted: Iterable[int], autorotate: bool = True,
+                   scale: Callable[[int, int], tuple[int, int]] | None = None) -> dict[int, np.ndarray]:
     wanted = set(wanted)
-    got, seen = _decode(path, wanted, autorotate)
+    got, seen = _decode(path, wanted, autorotate, scale=scale)
     if len(got) < len(wanted):
         raise CogtuneError(f"{path} decodes to {seen} frames but frame {max(wanted)} is needed; "
                            "the file may be truncated, re-encode it or use fewer frames")
@@ -209,13 +223,19 @@ def resize_crop(frames: np.ndarray, height: int, width: int, crop: str = "center
 def decode_plan(path: PathLike, plan: FramePlan, height: int, width: int, crop: str = "center",
                 rng: np.random.Generator | None = None) -> torch.Tensor:
     """Decode the frames of `plan` once, blend where it says so (in float), resize and crop: float32 [F, 3, H, W]
-    in [-1, 1]. Works frame by frame into one output tensor, so a long high-resolution clip never sits in memory
-    as floats at its source size."""
+    in [-1, 1]. Frames are resized while they are converted to RGB and written one by one into the output, so a
+    long high-resolution clip never sits in memory as floats at its source size."""
     if not plan.ok:
         raise CogtuneError(f"{path}: {_reason_text(plan.reason or '')}")
-    got = _decode_needed(path, plan.needed)
-    h, w = got[plan.indices[0]].shape[:2]
-    size, top, left = _geometry(h, w, height, width, crop, rng)
+    geometry: list[tuple[tuple[int, int], int, int]] = []
+
+    def scale(h: int, w: int) -> tuple[int, int]:
+        if not geometry:  # one size and crop window for the whole clip, drawn once
+            geometry.append(_geometry(h, w, height, width, crop, rng))
+        return geometry[0][0]
+
+    got = _decode_needed(path, plan.needed, scale=scale)
+    _, top, left = geometry[0]
     out = torch.empty((plan.frames, 3, height, width), dtype=torch.float32)
     done: dict[int, int] = {}  # source frame -> output slot that already holds it (pad/loop/slow repeat frames)
     for k, i in enumerate(plan.indices):
@@ -226,8 +246,6 @@ def decode_plan(path: PathLike, plan: FramePlan, height: int, width: int, crop: 
         x = torch.from_numpy(got[i]).permute(2, 0, 1)  # uint8 [3, h, w], a view
         if weight and plan.upper is not None:
             x = x.float() * (1 - weight) + torch.from_numpy(got[plan.upper[k]]).permute(2, 0, 1).float() * weight
-        if size != (h, w):
-            x = _resize(x[None].float(), size)[0]
         out[k].copy_(x[:, top:top + height, left:left + width])
         if not weight:
             done[i] = k

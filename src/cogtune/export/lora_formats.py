@@ -85,7 +85,7 @@ class LoraWeights:
     cogtune: dict[str, str] = field(default_factory=dict)  # "cogtune.*" metadata
     extra: dict[str, str] = field(default_factory=dict)  # other metadata, kept as is (e.g. "format")
     source_format: str = "diffusers"
-    alpha_stored: bool = True  # False: the file had no alpha; alpha = rank assumed (what diffusers does)
+    alpha_stored: bool = True  # False: the file records no alpha (alphas are then `assume_alpha` or the rank)
 
     @property
     def modules(self) -> list[str]:
@@ -239,7 +239,7 @@ def read_lora(path: str | Path, assume_alpha: float | None = None) -> LoraWeight
         return LoraWeights(state_dict, {m: _config_alpha(stored, m) for m in ranks}, stored, cogtune, extra, fmt, True)
     alphas = {m: float(assume_alpha) if assume_alpha is not None else float(ranks[m]) for m in ranks}
     config = build_lora_config(ranks, alphas)
-    return LoraWeights(state_dict, alphas, config, cogtune, extra, fmt, alpha_stored=assume_alpha is not None)
+    return LoraWeights(state_dict, alphas, config, cogtune, extra, fmt, alpha_stored=False)
 
 
 def load_lora_any(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
@@ -329,7 +329,7 @@ def cli_group(subparsers, name: str, help_text: str):
 
 def _cmd_convert(args) -> None:
     lora = read_lora(args.src, assume_alpha=args.alpha)
-    if not lora.alpha_stored:
+    if not lora.alpha_stored and args.alpha is None:
         print(f"note: {args.src} records no alpha; writing alpha = rank (scale 1.0, what diffusers assumes); "
               "pass --alpha A if it was trained with another alpha")
     path = write_comfyui(lora, args.out) if args.to == "comfyui" else write_diffusers(lora, args.out)

@@ -82,22 +82,11 @@ def fuse_loras(transformer_dir: Path, loras: list, model_dir: Path):
     return transformer
 
 
-def _save_transformer(transformer, out: Path, dtype: torch.dtype, max_shard_size: str, overwrite: bool) -> None:
-    try:
-        from .shards import save_transformer_folder
-    except ImportError:  # shards.py not in this checkout: diffusers' own writer gives the same layout
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise CogtuneError(f"output folder {out} is not empty: choose a new path or pass --overwrite") from None
-        transformer.to(dtype).save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
-        return
-    save_transformer_folder(transformer, None, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
-
-
 def merge_loras(model: str | Path, loras: list[str], out: str | Path, pipeline: bool = False,
                 dtype: str | None = None, max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     """Fuse `loras` (`PATH[:WEIGHT][@NAME]` strings) into the model's transformer; write OUT. Returns OUT."""
     from ..infer.generate import LoraSpec
-    from .shards import resolve_dtype, staged_folder
+    from .shards import resolve_dtype, save_transformer_folder, staged_folder
 
     model, out = Path(model), Path(out)
     if not loras:
@@ -113,7 +102,7 @@ def merge_loras(model: str | Path, loras: list[str], out: str | Path, pipeline: 
     info = {"model": str(model.absolute()), "dtype": str(to).removeprefix("torch."),
             "loras": [{"path": str(s.path.absolute()), "weight": s.weight, "name": s.name} for s in specs]}
     if not pipeline:
-        _save_transformer(transformer, out, to, max_shard_size, overwrite)
+        save_transformer_folder(transformer, None, out, dtype=to, max_shard_size=max_shard_size, overwrite=overwrite)
         (out / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
         return out
     with staged_folder(out, overwrite) as tmp:
@@ -124,7 +113,7 @@ def merge_loras(model: str | Path, loras: list[str], out: str | Path, pipeline: 
                 shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
             else:
                 _link_or_copy(str(entry), str(tmp / entry.name))
-        _save_transformer(transformer, tmp / "transformer", to, max_shard_size, overwrite=False)
+        save_transformer_folder(transformer, None, tmp / "transformer", dtype=to, max_shard_size=max_shard_size)
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return out
 

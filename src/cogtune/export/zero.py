@@ -81,16 +81,12 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
 # --- finding the checkpoint ---------------------------------------------------------------------------------------
 
 def _optim_files(folder: Path) -> dict[int, Path]:
-    found: dict[int, Path] = {}
-    for p in folder.iterdir():
-        m = _OPTIM_FILE.match(p.name)
-        if m is None:
-            continue
+    found = {p: m for p in folder.iterdir() if (m := _OPTIM_FILE.match(p.name))}
+    for p, m in found.items():
         if int(m.group(2)) != 0:
             raise CogtuneError(f"{p} comes from a tensor/pipeline-parallel run (mp_rank {m.group(2)}): "
                                "cogtune converts data-parallel ZeRO checkpoints only")
-        found[int(m.group(1))] = p
-    return found
+    return {int(m.group(1)): p for p, m in found.items()}
 
 
 def locate_tag_folder(checkpoint_dir: str | Path) -> Path:
@@ -116,7 +112,7 @@ def locate_tag_folder(checkpoint_dir: str | Path) -> Path:
         raise CogtuneError(f"no 'latest' file in {root} to say which tag folder to convert (found: {', '.join(tags)}): "
                            f"pass {root / tags[-1]} itself, or restore {latest}")
     runs = sorted((p for p in root.glob("checkpoint-*") if p.is_dir()),
-                  key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+                  key=lambda p: int("0" + re.sub(r"\D", "", p.name)))
     if runs:
         raise CogtuneError(f"{root} is a training output folder: pass one of its checkpoints, e.g. {runs[-1]}")
     raise CogtuneError(f"{root} is not a DeepSpeed checkpoint: no 'latest' file and no *_optim_states.pt files")
@@ -180,7 +176,6 @@ def read_layout(tag_folder: Path) -> ZeroLayout:
     if absent:
         raise CogtuneError(f"{tag_folder}: model state file(s) missing: {', '.join(absent)}: copy the whole tag folder")
     paddings = osd.get("param_alignment_paddings") if stage < 3 else None
-    del first, osd
     model = load_checkpoint_file(model_files[0])
     if "param_shapes" not in model or "buffer_names" not in model:
         raise CogtuneError(f"{model_files[0]} is not a DeepSpeed model state (no param_shapes)")
@@ -206,9 +201,16 @@ def read_layout(tag_folder: Path) -> ZeroLayout:
 Piece = tuple[str, int, torch.Tensor]
 
 
+def _fp32_groups(path: Path, key: str) -> list[torch.Tensor]:
+    groups = (load_checkpoint_file(path).get("optimizer_state_dict") or {}).get(key)
+    if not isinstance(groups, (list, tuple)):
+        raise CogtuneError(f"{path} has no {key}: files of different ZeRO stages or saves are mixed")
+    return list(groups)
+
+
 def _zero12_pieces(layout: ZeroLayout) -> Iterator[Piece]:
     for rank, path in enumerate(layout.optim_files):
-        partitions = load_checkpoint_file(path)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+        partitions = _fp32_groups(path, "single_partition_of_fp32_groups")
         if len(partitions) != len(layout.group_shapes):
             raise CogtuneError(f"{path}: {len(partitions)} param groups, but the model states list "
                                f"{len(layout.group_shapes)}: files from different saves are mixed")
@@ -260,8 +262,8 @@ def _zero3_slices(flats: list[torch.Tensor], shapes: dict[str, tuple[int, ...]],
 def _zero3_pieces(layout: ZeroLayout) -> Iterator[Piece]:
     trainable = {k: s for group in layout.group_shapes for k, s in group.items()}
     for rank in range(layout.world):
-        flats = load_checkpoint_file(layout.optim_files[rank])["optimizer_state_dict"]["fp32_flat_groups"]
-        yield from _zero3_slices(list(flats), trainable, rank, layout.world, layout.optim_files[rank])
+        flats = _fp32_groups(layout.optim_files[rank], "fp32_flat_groups")
+        yield from _zero3_slices(flats, trainable, rank, layout.world, layout.optim_files[rank])
         del flats
         if layout.frozen_shapes:
             fragments = load_checkpoint_file(layout.model_files[rank]).get("frozen_param_fragments") or {}

@@ -1,18 +1,28 @@
-"""Generate videos with the stock diffusers pipeline, optionally with LoRA adapters loaded by name."""
+"""Generate videos (T2V and I2V) with the stock diffusers pipeline, with LoRA adapters loaded by name.
+
+Three steps, each usable alone: `resolve_settings` (defaults from the variant, checks that give one clear line),
+`build_pipeline` (weights, adapters, dtype, device, offload, VAE tiling/slicing, optional fusing) and `sample`
+(one video as float frames in [0, 1]). `generate` chains them and writes the mp4; `--compare` lives in compare.py.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import sys
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
-from diffusers import DiffusionPipeline
 
 from ..data.video import write_mp4
 from ..errors import CogtuneError
 from ..models.cogvideox import resolve_variant
-from ..train.lora import WEIGHT_NAME
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
 
 
 @dataclass
@@ -23,7 +33,9 @@ class LoraSpec:
 
     @classmethod
     def parse(cls, text: str, index: int = 0) -> "LoraSpec":
-        """`PATH[:WEIGHT][@NAME]`; PATH is a LoRA file or a folder holding pytorch_lora_weights.safetensors."""
+        """`PATH[:WEIGHT][@NAME]`; PATH is a LoRA file or a folder holding one (diffusers or ComfyUI format)."""
+        from ..export.lora_formats import resolve_lora_path
+
         name = None
         if "@" in text:
             text, name = text.rsplit("@", 1)
@@ -34,48 +46,244 @@ class LoraSpec:
                 weight, text = float(tail), head
             except ValueError:
                 pass
-        path = Path(text)
-        if path.is_dir():
-            path = path / WEIGHT_NAME
-        if not path.is_file():
-            raise CogtuneError(f"--lora {text}: no such file (give a .safetensors file or a folder holding {WEIGHT_NAME})")
-        return cls(path, weight, name or f"lora{index}")
+        if name is not None and (not name or not name.replace("_", "").replace("-", "").isalnum()):
+            raise CogtuneError(f"--lora ...@{name}: an adapter name uses letters, digits, '_' and '-' only")
+        return cls(resolve_lora_path(text), weight, name or f"lora{index}")
+
+
+def parse_loras(texts: Sequence[str]) -> list[LoraSpec]:
+    specs = [LoraSpec.parse(text, i) for i, text in enumerate(texts)]
+    names = [s.name for s in specs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise CogtuneError(f"--lora: adapter name {dup!r} is given twice; name them apart with PATH@NAME")
+    return specs
 
 
 def default_size(model_dir: Path) -> tuple[int, int, int, int]:
     """(frames, height, width, fps): the variant's native ones, or the tiny model's own."""
     variant = resolve_variant(model_dir)
-    tiny = model_dir / "cogtune_tiny.json"
+    tiny = Path(model_dir) / "cogtune_tiny.json"
     if tiny.is_file():
         t = json.loads(tiny.read_text())
         return t["frames"], t["height"], t["width"], variant.fps
     return variant.native_frames, variant.native_height, variant.native_width, variant.fps
 
 
-def load_pipeline(model_dir: str | Path, loras: list[LoraSpec] = (), dtype: torch.dtype = torch.float32):
+@dataclass
+class Settings:
+    """What to sample; `resolve_settings` fills in every None from the model."""
+
+    prompt: str
+    negative_prompt: str = ""
+    image: Path | None = None
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    fps: int | None = None
+    steps: int = 50
+    seed: int = 0
+    guidance_scale: float = 6.0
+
+
+def resolve_settings(model_dir: str | Path, settings: Settings) -> Settings:
+    """Defaults from the variant; a wrong image/frames/size combination is one line, before any weight is read."""
+    model_dir = Path(model_dir)
+    variant = resolve_variant(model_dir)
+    d_frames, d_height, d_width, d_fps = default_size(model_dir)
+    s = replace(settings, frames=settings.frames or d_frames, height=settings.height or d_height,
+                width=settings.width or d_width, fps=settings.fps or d_fps)
+    if variant.i2v and s.image is None:
+        raise CogtuneError(f"model {model_dir} is {variant.name} (image-to-video): "
+                           "give the first frame with --image PATH")
+    if not variant.i2v and s.image is not None:
+        raise CogtuneError(f"model {model_dir} is {variant.name} (text-to-video) and takes no --image; "
+                           "drop --image or use an -i2v model")
+    if s.image is not None and not Path(s.image).is_file():
+        raise CogtuneError(f"--image {s.image}: no such file")
+    problem = variant.check_frames(s.frames)
+    if problem:
+        raise CogtuneError(f"--frames: {problem}")
+    if s.height % 16 or s.width % 16:
+        raise CogtuneError(f"--height/--width {s.height}x{s.width}: both must be multiples of 16")
+    if variant.fixed_resolution and (s.height, s.width) != (d_height, d_width):
+        raise CogtuneError(f"{variant.name} has learned positional embeddings and only takes {d_height}x{d_width}, "
+                           f"not {s.height}x{s.width}: drop --height/--width")
+    if s.steps < 1:
+        raise CogtuneError(f"--steps {s.steps}: give at least 1")
+    return s
+
+
+def pick_dtype(name: str | None, cuda: bool) -> torch.dtype:
+    """None: bf16 with CUDA, fp32 without (CPU bf16 works but is slow; fp16 on CPU is not supported)."""
+    if name is None:
+        return torch.bfloat16 if cuda else torch.float32
+    if name not in DTYPES:
+        raise CogtuneError(f"--dtype {name}: use one of {', '.join(DTYPES)}")
+    if name == "fp16" and not cuda:
+        raise CogtuneError("--dtype fp16 needs a CUDA GPU and none is available: use --dtype fp32 or bf16 on the CPU")
+    return DTYPES[name]
+
+
+def activate_adapters(pipe, loras: Sequence[LoraSpec]) -> None:
+    """Make exactly `loras` (at their weights) active; none: the base model. Nothing is reloaded."""
+    if not loras:
+        if getattr(pipe.transformer, "peft_config", None):
+            pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    pipe.set_adapters([l.name for l in loras], [l.weight for l in loras])
+
+
+def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype: str | None = None,
+                   device: str | None = None, cpu_offload: bool = False, vae_tiling: bool = False,
+                   vae_slicing: bool = False, fuse: bool = False, log: Callable[[str], None] | None = None):
+    """The stock pipeline of `model_dir` with `loras` loaded as named adapters and active at their weights.
+
+    `fuse`: merge the active adapters into the transformer weights, then drop the adapter layers (faster sampling;
+    the adapters can no longer be switched).
+    """
+    from diffusers import DiffusionPipeline
+
+    from ..export.lora_formats import load_lora_into_pipeline
+    from .compat import check_lora_compat
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    model_dir = Path(model_dir)
     resolve_variant(model_dir)  # clear error for a folder that is not a CogVideoX pipeline
-    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
-    for lora in loras:
-        pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=lora.name)
-    if loras:
-        pipe.set_adapters([l.name for l in loras], [l.weight for l in loras])
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise CogtuneError(f"device {device}: no CUDA GPU is available here; leave the device unset to use the CPU")
+    cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    torch_dtype = pick_dtype(dtype, cuda)
+    for lora in loras:  # all checked before the slow load: one clear line instead of a shape error inside peft
+        check_lora_compat(lora.path, model_dir)
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True)
+    with warnings.catch_warnings():  # peft warns on every adapter after the first; several are what we want here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        for lora in loras:
+            load_lora_into_pipeline(pipe, lora.path, lora.name)
+    activate_adapters(pipe, loras)
+    if fuse and loras:
+        pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[l.name for l in loras])
+        pipe.unload_lora_weights()
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+    if cpu_offload and cuda:
+        pipe.enable_model_cpu_offload()
+    else:
+        if cpu_offload:
+            log("note: --cpu-offload needs CUDA; ignored on the CPU")
+        pipe.to(device or ("cuda" if cuda else "cpu"))
     return pipe
 
 
-def generate(
-    model: str | Path, prompt: str, out: str | Path, loras: list[str] = (), frames: int | None = None,
-    height: int | None = None, width: int | None = None, steps: int = 50, seed: int = 0,
-    guidance_scale: float = 6.0, fps: int | None = None, device: str | None = None,
-) -> Path:
-    model = Path(model)
-    d_frames, d_height, d_width, d_fps = default_size(model)
-    specs = [LoraSpec.parse(text, i) for i, text in enumerate(loras)]
-    pipe = load_pipeline(model, specs)
-    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    result = pipe(
-        prompt=prompt, num_frames=frames or d_frames, height=height or d_height, width=width or d_width,
-        num_inference_steps=steps, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed),
-        output_type="np",
+def load_image(path: str | Path, height: int, width: int):
+    """The I2V first frame, scaled to cover height x width and centre-cropped (the pipeline would stretch it)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return ImageOps.fit(img.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
+    except (OSError, UnidentifiedImageError) as e:
+        raise CogtuneError(f"--image {path}: cannot read it as an image ({e.__class__.__name__})") from None
+
+
+def encode_prompt(pipe, s: Settings) -> dict[str, torch.Tensor | None]:
+    """Prompt embeddings, computed once when several videos share a prompt (T5 is the slow part)."""
+    with torch.no_grad():  # as inside the pipeline's call: T5 takes other kernels with autograd on (last-bit changes)
+        positive, negative = pipe.encode_prompt(s.prompt, s.negative_prompt, device=pipe._execution_device,
+                                                do_classifier_free_guidance=s.guidance_scale > 1)
+    return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+
+
+def sample(pipe, s: Settings, on_step: StepCallback | None = None, embeds: dict | None = None,
+           progress: bool = True) -> np.ndarray:
+    """One video for resolved settings `s`: float32 [F, H, W, 3] in [0, 1]. The seed fixes it, whatever the device."""
+    extra = {}
+    if s.image is not None:
+        extra["image"] = load_image(s.image, s.height, s.width)
+    if on_step is not None:
+        def callback(_pipe, i, _t, _kwargs):
+            on_step(i + 1, s.steps)
+            return {}
+        extra["callback_on_step_end"] = callback
+    prompt = embeds or {"prompt": s.prompt, "negative_prompt": s.negative_prompt}
+    pipe.set_progress_bar_config(disable=not progress)
+    with torch.no_grad():
+        result = pipe(
+            **prompt, num_frames=s.frames, height=s.height, width=s.width, num_inference_steps=s.steps,
+            guidance_scale=s.guidance_scale, generator=torch.Generator().manual_seed(s.seed), output_type="np", **extra,
+        )
+    return np.asarray(result.frames[0], dtype=np.float32)
+
+
+def generate(model: str | Path, prompt: str, out: str | Path, loras: Sequence[str] = (),
+             image: str | Path | None = None, negative_prompt: str = "", frames: int | None = None,
+             height: int | None = None, width: int | None = None, steps: int = 50, seed: int = 0,
+             guidance_scale: float = 6.0, fps: int | None = None,
+             dtype: str | None = None, device: str | None = None, cpu_offload: bool = False, vae_tiling: bool = False,
+             vae_slicing: bool = False, fuse: bool = False, on_step: StepCallback | None = None,
+             progress: bool = True) -> Path:
+    """Write one mp4 (atomically) for `prompt` (and `image` for I2V models) with `loras` (`PATH[:WEIGHT][@NAME]`)."""
+    image = Path(image) if image else None
+    settings = resolve_settings(model, Settings(prompt, negative_prompt, image, frames, height, width, fps, steps, seed,
+                                                guidance_scale))
+    specs = parse_loras(loras)
+    pipe = build_pipeline(model, specs, dtype, device, cpu_offload, vae_tiling, vae_slicing, fuse)
+    video = sample(pipe, settings, on_step, progress=progress)
+    return write_mp4(video, out, settings.fps, value_range=(0.0, 1.0))
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------
+
+
+def add_sampling_args(p) -> None:
+    """Arguments shared by `generate` and `ui` (the model and its adapters)."""
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT][@NAME]",
+                   help="LoRA file or folder, repeatable; WEIGHT defaults to 1.0, NAME to lora<i>")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 with CUDA, fp32 on the CPU")
+    p.add_argument("--cpu-offload", action="store_true", help="keep idle parts on the CPU (CUDA only)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less memory at large sizes)")
+    p.add_argument("--vae-slicing", action="store_true", help="decode one video at a time")
+
+
+def _cmd_generate(args) -> None:
+    common = dict(
+        negative_prompt=args.negative_prompt, frames=args.frames, height=args.height, width=args.width,
+        steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale, fps=args.fps, dtype=args.dtype,
+        cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing,
     )
-    video = result.frames[0]  # [F, H, W, 3] float in [0, 1]
-    return write_mp4(video, out, fps or d_fps)
+    if args.compare:
+        from .compare import compare
+
+        if args.fuse:
+            raise CogtuneError("--fuse and --compare do not mix: --compare switches adapters, fusing freezes them")
+        video, sheet = compare(args.model, args.prompt, args.out, args.lora, image=args.image, **common)
+        print(f"wrote {video} and {sheet}")
+        return
+    path = generate(args.model, args.prompt, args.out, args.lora, image=args.image, fuse=args.fuse, **common)
+    print(f"wrote {path}")
+
+
+def register_cli(subparsers) -> None:
+    """`cogtune generate`: T2V/I2V with named adapters, optional fusing, or a side-by-side comparison."""
+    g = subparsers.add_parser("generate", help="generate a video (T2V or I2V) with optional LoRA adapters")
+    g.add_argument("--model", required=True, help="diffusers CogVideoX pipeline folder")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--out", required=True, help="output .mp4 (--compare also writes <out>.png)")
+    g.add_argument("--image", help="first frame for an image-to-video (-i2v) model; required there")
+    add_sampling_args(g)
+    g.add_argument("--fuse", action="store_true", help="merge the adapters into the weights before sampling")
+    g.add_argument("--compare", action="store_true",
+                   help="base, each adapter alone and all together, same seed: one side-by-side mp4 + a PNG sheet")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--frames", type=int, help="default: the variant's native count")
+    g.add_argument("--height", type=int, help="default: the variant's native size")
+    g.add_argument("--width", type=int)
+    g.add_argument("--fps", type=int, help="default: the variant's native fps")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--guidance-scale", type=float, default=6.0)
+    g.set_defaults(func=_cmd_generate)

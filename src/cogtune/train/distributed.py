@@ -55,9 +55,39 @@ def deepspeed_config(cfg) -> dict:
     return generated | user  # a user's JSON wins key by key
 
 
+def _fix_cpu_ranks(accelerator: Accelerator) -> None:
+    """accelerate 1.15 + DeepSpeed on a CPU-only machine initialises torch.distributed with every rank but reports
+    one process (rank 0 everywhere); take the ranks from torch.distributed instead."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+
+    if dist.is_available() and dist.is_initialized() and accelerator.num_processes != dist.get_world_size():
+        ranks = {"num_processes": dist.get_world_size(), "process_index": dist.get_rank(),
+                 "local_process_index": int(os.environ.get("LOCAL_RANK", dist.get_rank()))}
+        PartialState._shared_state.update(ranks)
+        AcceleratorState._shared_state.update(ranks)
+
+
+def _force_fsdp_on_cpu(plugin, mixed_precision: str) -> None:
+    """accelerate only enables FSDP for GPU-like devices; torch's FSDP2 itself runs on CPU with gloo, which is how
+    the strategy is tested here. On CUDA this is never needed."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    AcceleratorState._shared_state.update(distributed_type=DistributedType.FSDP, fsdp_plugin=plugin)
+
+
 def make_accelerator(cfg) -> Accelerator:
+    import torch
+
     strategy = cfg.distributed.strategy
-    kwargs = dict(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    on_cpu = not torch.cuda.is_available()
+    # cpu=True without CUDA: only then does accelerate see torchrun's ranks as MULTI_CPU (gloo). DeepSpeed must not
+    # get it: accelerate would drop the plugin.
+    kwargs = dict(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                  cpu=on_cpu and strategy not in DEEPSPEED)
     if strategy in DEEPSPEED:
         try:
             import deepspeed  # noqa: F401
@@ -66,14 +96,24 @@ def make_accelerator(cfg) -> Accelerator:
         from accelerate.utils import DeepSpeedPlugin
 
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg))
-    elif strategy == "fsdp2":
+        if on_cpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    fsdp = None
+    if strategy == "fsdp2":
         from accelerate.utils import FullyShardedDataParallelPlugin
 
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+        fsdp = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["CogVideoXBlock"],
             reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT", cpu_ram_efficient_loading=False,
         )
-    return Accelerator(**kwargs)
+        if not on_cpu:
+            kwargs["fsdp_plugin"] = fsdp
+    accelerator = Accelerator(**kwargs)
+    if on_cpu:
+        _fix_cpu_ranks(accelerator)
+        if fsdp is not None and accelerator.num_processes > 1:
+            _force_fsdp_on_cpu(fsdp, cfg.mixed_precision)
+    return accelerator
 
 
 def is_sharded(cfg) -> bool:

@@ -174,6 +174,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         install_trainable_only_hooks(accelerator, model)
     transformer = accelerator.unwrap_model(model)
     transformer.train()
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
 
     sampler = BucketBatchSampler(data.buckets, cfg.batch_size, cfg.seed, rank, world, drop_last=False)
     step = 0
@@ -203,7 +204,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         validate(0)
     accum = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.max_steps, initial=step, desc="training", disable=not main, dynamic_ncols=True)
-    micro, t0, interrupted, last_ckpt, skipped_steps = 0, time.perf_counter(), False, resume_from, 0
+    micro, t0, interrupted, last_ckpt, skipped_steps, step_loss = 0, time.perf_counter(), False, resume_from, 0, 0.0
+    deepspeed, skip = accelerator.distributed_type.name == "DEEPSPEED", False
     with StopFlag() as stop:
         while step < cfg.max_steps and not interrupted:
             for indices in sampler:
@@ -213,39 +215,48 @@ def train(cfg: TrainConfig) -> TrainResult:
                     position = ((micro % accum) * world + rank) * len(indices)
                     gens = sample_generators(cfg.seed, step, position, len(indices))
                     loss = spec.training_loss(model, batch, gens, loss_cfg=cfg.loss, i2v_cfg=cfg.i2v)
-                    bad = any_rank(accelerator, not torch.isfinite(loss).item())
-                    if bad:
-                        paths = gather_object([batch["paths"] if not torch.isfinite(loss).item() else []])
-                        where = f"non-finite loss at step {step + 1} on clip(s) {', '.join(sorted(set(paths)))}"
+                    if any_rank(accelerator, not torch.isfinite(loss).item()):
+                        mine = batch["paths"] if not torch.isfinite(loss).item() else []
+                        where = f"non-finite loss at step {step + 1} on {', '.join(sorted(set(gather_object(mine))))}"
                         if cfg.on_nonfinite == "stop":
-                            keep = f"; last good checkpoint: {last_ckpt}" if last_ckpt else "; no checkpoint was written"
-                            raise CogtuneError(where + keep + " (on_nonfinite: skip_step skips such steps)")
-                        log.warning("%s: skipped", where)
-                        loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # keeps DeepSpeed/DDP collectives in step
-                        skipped_steps += 1
+                            keep = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                            raise CogtuneError(f"{where}; {keep} (on_nonfinite: skip_step skips such steps)")
+                        log.warning("%s: step skipped", where)
+                        skip = True
+                        loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # every rank still runs the same collectives
                     accelerator.backward(loss)
                     grad_norm = None
-                    if accelerator.sync_gradients and accelerator.distributed_type.name != "DEEPSPEED":
+                    if accelerator.sync_gradients and not deepspeed:  # DeepSpeed clips inside its own step
                         grad_norm = accelerator.clip_grad_norm_(params, o.max_grad_norm)
                         if grad_norm is not None and not torch.isfinite(grad_norm):
                             if cfg.on_nonfinite == "stop":
-                                raise CogtuneError(f"non-finite gradient at step {step + 1} "
-                                                   f"(clips {', '.join(batch['paths'])}); weights left untouched")
-                            optimizer.zero_grad(set_to_none=True)
-                    optimizer.step()
-                    lr_scheduler.step()
+                                raise CogtuneError(f"non-finite gradient at step {step + 1} (clips "
+                                                   f"{', '.join(batch['paths'])}); the weights were not updated")
+                            skip = True
+                    if accelerator.sync_gradients and skip and not deepspeed:
+                        skipped_steps += 1  # no optimizer or schedule step: the weights stay as they were
+                    else:
+                        optimizer.step()
+                        lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 micro += 1
+                step_loss = step_loss + loss.detach() / accum
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
-                loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+                row_extra = {"skipped": True} if skip else {}
+                skip = False
+                # the mean over the whole global batch: every micro-batch of every rank
+                loss_value = accelerator.reduce(step_loss, reduction="mean").item()
+                step_loss = 0.0
                 lr = lr_scheduler.get_last_lr()[0]
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     row = dict(loss=loss_value, lr=lr, elapsed_s=round(time.perf_counter() - t0, 3))
-                    metrics.log(step, **row, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}))
+                    if grad_norm is not None:
+                        row["grad_norm"] = float(grad_norm)
+                    metrics.log(step, **row, **row_extra)
                 if cfg.validation.every_steps and step % cfg.validation.every_steps == 0 and step < cfg.max_steps:
                     validate(step)
                 if any_rank(accelerator, stop.requested):

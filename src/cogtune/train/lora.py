@@ -33,11 +33,13 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float, target_modul
     return config
 
 
-def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+def lora_state_dict(transformer: torch.nn.Module, full_state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The adapter weights in diffusers keys; `full_state`: the model's gathered state dict under ZeRO-3/FSDP2."""
+    adapter = get_peft_model_state_dict(transformer, state_dict=full_state)
+    return {PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.items()}
 
 
-def save_lora(transformer: torch.nn.Module, out_dir: str | Path, info: dict) -> Path:
+def save_lora(transformer: torch.nn.Module, out_dir: str | Path, info: dict, full_state: dict | None = None) -> Path:
     """Write `out_dir/pytorch_lora_weights.safetensors` atomically; `info` goes into `cogtune.*` metadata."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +56,7 @@ def save_lora(transformer: torch.nn.Module, out_dir: str | Path, info: dict) -> 
     metadata |= {f"cogtune.{k}": str(v) for k, v in info.items()}
     final = out_dir / WEIGHT_NAME
     tmp = out_dir / f".{WEIGHT_NAME}.tmp"
-    save_file(lora_state_dict(transformer), str(tmp), metadata=metadata)
+    save_file(lora_state_dict(transformer, full_state), str(tmp), metadata=metadata)
     os.replace(tmp, final)
     return final
 
