@@ -112,10 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_cmd_train)
 
     from .export import lora_formats, merge, sat
+    from .plan import cli as plan_cli
+
+    plan_cli.register_cli(sub)
 
     lora_formats.register_cli(sub)
     merge.register_cli(sub)
     sat.register_cli(sub)
+    from .export import zero
+
+    zero.register_cli(lora_formats.cli_group(sub, "convert", "convert foreign checkpoints to diffusers"))
 
     from .infer import generate, webui
 
