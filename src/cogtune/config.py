@@ -68,7 +68,8 @@ class LoraConfig(_Section):
 
 
 class OptimizerConfig(_Section):
-    name: Literal["adamw"] = "adamw"
+    # adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt; use lr 1.0), came (came-pytorch)
+    name: Literal["adamw", "adamw8bit", "prodigy", "came"] = "adamw"
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -106,7 +107,13 @@ class SFTConfig(_Section):
 
 
 class MemoryConfig(_Section):
+    # Speed cost of each switch (measured or typical; see BENCHMARKS.md): gradient checkpointing +25-35% step time
+    # (scaled by the share of blocks checkpointed), fp8 weight storage +5-10%, block offload +20-60% (PCIe bound),
+    # 8-bit AdamW ~0%, encoder offload 0% once the cache is built.
     gradient_checkpointing: bool = False
+    checkpointing_every: int = Field(1, ge=1)  # with gradient_checkpointing: checkpoint blocks 0, k, 2k, ...
+    fp8_weights: bool = False  # frozen base Linear weights stored as float8_e4m3fn, computed in the training dtype
+    block_offload: bool = False  # frozen transformer blocks live on the CPU and are streamed in block by block
     vae_slicing: bool = True
     vae_tiling: bool = True
     offload_encoders: bool = True  # move the text encoder and VAE off the accelerator once the clips are encoded

@@ -26,6 +26,7 @@ from ..models.cogvideox import CogVideoXSpec, resolve_variant
 from .checkpoint import install_trainable_only_hooks, load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import is_sharded, make_accelerator
 from .encode import collate, prepare_data
+from .memory import block_offload, every_kth_checkpointing, fp8_storage, make_optimizer
 from .metrics import MetricsLog
 from .outputs import save_outputs
 
@@ -80,8 +81,15 @@ def prepare_model(spec, cfg: TrainConfig, device) -> list[torch.nn.Parameter]:
     else:
         transformer.requires_grad_(True)
     spec.to(device, WEIGHT_DTYPES[cfg.mixed_precision])
-    if cfg.memory.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    m = cfg.memory
+    if m.gradient_checkpointing:
+        every_kth_checkpointing(transformer, m.checkpointing_every)
+    if m.fp8_weights:
+        if cfg.method != "lora":
+            raise CogtuneError("memory.fp8_weights stores frozen weights in fp8: it needs method: lora")
+        fp8_storage(transformer, WEIGHT_DTYPES[cfg.mixed_precision] if cfg.mixed_precision != "no" else torch.float32)
+    if m.block_offload:
+        block_offload(transformer, device)
     if cfg.memory.offload_encoders:
         spec.offload_encoders(keep_vae=spec.variant.i2v and cfg.i2v.image_noise)
     return [p for p in transformer.parameters() if p.requires_grad]
@@ -165,7 +173,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     params = prepare_model(spec, cfg, device)
     transformer = spec.transformer
     o = cfg.optimizer
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+    optimizer = make_optimizer(params, o)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor
     lr_scheduler = get_scheduler(cfg.lr_scheduler.name, optimizer, num_warmup_steps=cfg.lr_scheduler.warmup_steps * world,
                                  num_training_steps=cfg.max_steps * world)
