@@ -69,3 +69,12 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "missing.yaml" in proc.stderr
+
+
+def test_unquoted_no_means_no_mixed_precision(tmp_path):
+    from cogtune.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {path: m}\ndata: {root: d}\nmixed_precision: no\n")
+    assert load_config(path).mixed_precision == "no"
+    assert load_config(path, ["mixed_precision=no"]).mixed_precision == "no"

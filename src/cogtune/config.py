@@ -164,6 +164,11 @@ class TrainConfig(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     log_every: int = Field(1, ge=1)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` as false
     distributed: DistributedConfig = DistributedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     resume: str | None = None  # latest (error if none), auto (latest or fresh), or a checkpoint-N path

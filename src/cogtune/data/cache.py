@@ -234,6 +234,10 @@ class LatentCache:
             raise CacheError(f"{item.describe()}: cannot read the source ({_first_line(e)})") from None
         return self._read(self._path("videos", key), key, item.describe())
 
+    def load_video_key(self, key: str, what: str = "clip") -> dict[str, torch.Tensor]:
+        """`load` for a key resolved earlier with `video_key` (saves a stat of the source per read)."""
+        return self._read(self._path("videos", key), key, what)
+
     def prompt(self, caption: str) -> torch.Tensor:
         """The embedding of one caption, [L, D]. Raises CacheError."""
         key = self.prompt_key(caption)

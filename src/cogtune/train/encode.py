@@ -36,16 +36,19 @@ class PreparedData:
 
 
 class CachedItems:
+    """Training items read from the cache; video entry keys are resolved once (no stat of the source per read)."""
+
     def __init__(self, cache: LatentCache, items: list[CacheItem], listed: list[str]):
         self.cache, self.items, self.listed = cache, items, listed
+        self.keys = [cache.video_key(item) for item in items]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         item = self.items[i]
-        out = dict(self.cache.load(item))
-        out["prompt_embeds"] = self.cache.prompt(item.caption)
+        out = dict(self.cache.load_video_key(self.keys[i], self.listed[i]))
+        out["prompt_embeds"] = self.cache.prompt(item.caption)  # T5 embeddings are ~3.7 MB each: read, don't keep
         return out | {"caption": item.caption, "path": self.listed[i]}
 
 
