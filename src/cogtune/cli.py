@@ -27,13 +27,13 @@ def _cmd_data_synth(args) -> None:
 
 def _cmd_data_cache(args) -> None:
     from .config import load_config
-    from .models.cogvideox import CogVideoXSpec
+    from .models import load_spec
     from .train.distributed import make_accelerator
     from .train.encode import cache_root, prepare_data
 
     cfg = load_config(args.config, args.overrides)
     accelerator = make_accelerator(cfg)  # under torchrun each rank encodes its own share
-    spec = CogVideoXSpec.load(cfg.model.path, cfg.model.variant)
+    spec = load_spec(cfg.model.path, cfg.model.variant)
     spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
     spec.encoders_to(accelerator.device)
     data = prepare_data(spec, cfg, accelerator)

@@ -30,10 +30,18 @@ class ModelSpec(Protocol):
         self,
         transformer: torch.nn.Module,
         batch: dict[str, torch.Tensor],
-        generator: torch.Generator,
+        gens: list[torch.Generator],
         timesteps: torch.Tensor | None = None,
+        loss_cfg=None,
+        i2v_cfg=None,
     ) -> torch.Tensor:
-        """Scalar loss for one batch of cached tensors; all randomness drawn from `generator`."""
+        """Scalar loss for one batch of cached tensors; sample i draws all its randomness from gens[i]."""
+
+    def set_vae_memory(self, slicing: bool, tiling: bool) -> None: ...
+
+    def encoders_to(self, device: torch.device) -> None: ...
+
+    def offload_encoders(self, keep_vae: bool = False) -> None: ...
 
     def pipeline(self, transformer: torch.nn.Module | None = None):
         """The stock diffusers pipeline over this model's components (optionally with another transformer)."""

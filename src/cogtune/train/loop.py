@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.buckets import BucketBatchSampler
 from ..errors import CogtuneError
-from ..models.cogvideox import CogVideoXSpec, resolve_variant
+from ..models import load_spec, resolve_variant
 from .checkpoint import install_trainable_only_hooks, load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import is_sharded, make_accelerator
 from .encode import collate, prepare_data
@@ -163,7 +163,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
 
-    spec = CogVideoXSpec.load(cfg.model.path, cfg.model.variant)
+    spec = load_spec(cfg.model.path, cfg.model.variant)
     spec.check_size(cfg.data.frames, cfg.data.height, cfg.data.width)
     spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
     spec.encoders_to(device)
