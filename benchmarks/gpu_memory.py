@@ -9,8 +9,9 @@ their values) — on CUDA directly on the device in bf16 — and trains it the w
 trainable ones fp32 (LoRA through peft `add_adapter`, or every weight for sft), bf16 autocast, inputs shaped as the
 pipelines shape them (latents [B, F, C, h, w] padded for patch_size_t, 226 text tokens, rotary embeddings from
 `CogVideoXSpec.rotary_embeddings`, ofs for 1.5-I2V), MSE loss in fp32, clipping, AdamW, zero_grad(set_to_none).
-Switches, joined with '+': ckpt (every block; ckptK: every K-th), fp8 (diffusers layerwise casting, float8_e4m3fn
-storage, bf16 compute), adamw8bit (bitsandbytes; skipped if it does not import).
+Switches, joined with '+', applied by cogtune's own code (cogtune.train.memory): ckpt (every block; ckptK: every
+K-th), actoff (with ckpt: checkpointed blocks' inputs wait on the host), fp8 (layerwise casting, float8_e4m3fn storage,
+bf16 compute), adamw8bit (bitsandbytes; skipped if it does not import), inbwd (optimizer step in backward, no clipping).
 
 Each configuration runs in a fresh process. On CUDA it reports torch.cuda.max_memory_allocated/reserved over the
 timed steps; on CPU, the peak of live tensor bytes (a dispatch-mode tracker: the CPU analog of max_memory_allocated)
@@ -131,20 +132,19 @@ def build(args, tcfg: dict, device: torch.device):
     return model
 
 
-def apply_switches(model, switches: set[str]) -> None:
-    if "fp8" in switches:
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+def _every(switches: set[str]) -> int | None:
     every = [int(s[4:] or 1) for s in switches if s.startswith("ckpt")]
-    if every == [1]:
-        model.enable_gradient_checkpointing()
-    elif every:
-        from functools import partial
+    return every[0] if every else None
 
-        from torch.utils.checkpoint import checkpoint
 
-        for i, block in enumerate(model.transformer_blocks):
-            if i % every[0] == 0:
-                block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+def apply_switches(model, switches: set[str]) -> None:
+    """cogtune's own switch code (cogtune.train.memory), as `cogtune train` applies it."""
+    from cogtune.train.memory import every_kth_checkpointing, fp8_storage
+
+    if "fp8" in switches:
+        fp8_storage(model, torch.bfloat16)
+    if _every(switches):
+        every_kth_checkpointing(model, _every(switches), offload="actoff" in switches)
 
 
 def make_inputs(args, tcfg: dict, device: torch.device) -> dict:
@@ -170,11 +170,16 @@ def make_inputs(args, tcfg: dict, device: torch.device) -> dict:
 
 
 def make_optimizer(params, switches: set[str]):
-    if "adamw8bit" in switches:
-        import bitsandbytes as bnb
+    from cogtune.train.memory import OptimizerInBackward
 
-        return bnb.optim.AdamW8bit(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=1e-4)
-    return torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=1e-4)
+    def one(ps):
+        if "adamw8bit" in switches:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(ps, lr=1e-5, betas=(0.9, 0.95), weight_decay=1e-4)
+        return torch.optim.AdamW(ps, lr=1e-5, betas=(0.9, 0.95), weight_decay=1e-4)
+
+    return OptimizerInBackward(params, one) if "inbwd" in switches else one(params)
 
 
 def predict(args, tcfg: dict, vae: dict, switches: set[str], device: torch.device) -> float:
@@ -192,10 +197,10 @@ def predict(args, tcfg: dict, vae: dict, switches: set[str], device: torch.devic
                 "lora": {"rank": args.rank, "alpha": args.rank}, "mixed_precision": "bf16",
                 "i2v": {"image_noise": False}}
         cfg = load_config(None, base=tree)
-        every = [int(s[4:] or 1) for s in switches if s.startswith("ckpt")]
-        sw = Switches(gradient_checkpointing=bool(every), checkpointing_every=every[0] if every else 1,
+        sw = Switches(gradient_checkpointing=bool(_every(switches)), checkpointing_every=_every(switches) or 1,
                       fp8_weights="fp8" in switches, optimizer="adamw8bit" if "adamw8bit" in switches else "adamw",
-                      batch_size=args.batch)
+                      batch_size=args.batch, activation_offload="actoff" in switches,
+                      optimizer_in_backward="inbwd" in switches)
         plan = plan_memory(cfg, world_size=1, device=device.type, switches=sw, propose=False)
         return plan.training_peak[1] - plan.parts["context"]
 
@@ -217,7 +222,8 @@ def setup(args, tcfg: dict, switches: set[str], device: torch.device):
             out = model(**inputs)[0]
         loss = torch.nn.functional.mse_loss(out.float(), target)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if "inbwd" not in switches:  # in backward, each parameter stepped already; no global clipping
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

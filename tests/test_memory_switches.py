@@ -31,6 +31,10 @@ def baseline(tiny_model, synth_data, tmp_path_factory):
     # recomputation is exact: same ops, same inputs
     ({"memory__gradient_checkpointing": True}, 1e-5),
     ({"memory__gradient_checkpointing": True, "memory__checkpointing_every": 2}, 1e-5),
+    # the recompute reads host copies of the block inputs: the same values
+    ({"memory__gradient_checkpointing": True, "memory__activation_offload": True}, 1e-5),
+    ({"memory__gradient_checkpointing": True, "memory__checkpointing_every": 2, "memory__activation_offload": True},
+     1e-5),
     ({"memory__offload_encoders": False}, 1e-6),
     ({"memory__block_offload": True}, 1e-6),  # CUDA only: on CPU a warning and the same run
     # float8_e4m3fn keeps 3 mantissa bits: each frozen weight is off by up to 2^-4 (6.25%) relative, errors that

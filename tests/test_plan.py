@@ -126,6 +126,44 @@ def test_fp8_storage_halves_the_castable_frozen_weights():
         plan_memory(cfg_for(), switches=Switches(**ckpt)).training_peak[1] - 0.9 * castable
 
 
+def test_activation_offload_moves_checkpointed_inputs_to_the_host():
+    unit = 17776 * D5B * 2
+    ckpt = plan_memory(cfg_for(), switches=Switches(gradient_checkpointing=True))
+    off = plan_memory(cfg_for(), switches=Switches(gradient_checkpointing=True, activation_offload=True))
+    # all 42 block inputs but the two in flight leave the GPU, and wait in host RAM
+    assert ckpt.details["activations_saved"] - off.details["activations_saved"] == pytest.approx(40 * unit, rel=1e-12)
+    assert off.details["activations_offloaded"] == pytest.approx(40 * unit, rel=1e-12)
+    every2 = dict(gradient_checkpointing=True, checkpointing_every=2)
+    assert plan_memory(cfg_for(), switches=Switches(**every2)).details["activations_saved"] - plan_memory(
+        cfg_for(), switches=Switches(**every2, activation_offload=True)).details["activations_saved"] == \
+        pytest.approx(19 * unit, rel=1e-12)
+
+
+def test_optimizer_in_backward_never_holds_all_gradients():
+    cfg = cfg_for(method="sft")
+    usual = plan_memory(cfg, switches=Switches(gradient_checkpointing=True))
+    fused = plan_memory(cfg, switches=Switches(gradient_checkpointing=True, optimizer_in_backward=True))
+    p = usual.details["trainable_params"]
+    assert at(usual, "grads", "backward end") == 4 * p  # fp32 gradients of every weight
+    assert at(fused, "grads", "backward end") < 4 * p / 30  # about one of 42 blocks' worth
+    assert usual.total - fused.total > 0.9 * 4 * p * (1 - 1 / 30)
+    # proposed for one process only, and with clipping turned off in the same breath
+    over = Switches(optimizer_in_backward=True).overrides(Switches())
+    assert over == ["memory.optimizer_in_backward=true", "optimizer.max_grad_norm=null"]
+    assert not any(s.optimizer_in_backward for s in candidate_switches(cfg, Switches(), 8))
+
+
+def test_encoders_visit_the_gpu_one_at_a_time_in_bf16():
+    t5 = plan_memory(cfg_for()).phase_parts["encoding"]["encoders"]
+    fp32 = plan_memory(cfg_for(memory__encoder_dtype="fp32")).phase_parts["encoding"]["encoders"]
+    # T5-XXL's encoder by hand: 24 layers of q/k/v/o (4 × 4096²), gated-GELU (3 × 4096 × 10240) and two norms;
+    # the relative position bias (32 × 64), the final norm and the 32128 × 4096 embedding
+    t5_params = 24 * (4 * 4096**2 + 3 * 4096 * 10240 + 2 * 4096) + 32 * 64 + 4096 + 32128 * 4096
+    assert t5 == 2 * t5_params  # bf16 on CUDA with mixed precision; T5 alone is the larger visitor (VAE: ~0.2e9)
+    assert fp32 == 4 * t5_params
+    assert plan_memory(cfg_for(mixed_precision='"no"')).phase_parts["encoding"]["encoders"] == fp32
+
+
 # --- proposals, CLI, errors ------------------------------------------------------------------------------------------
 def test_proposal_is_the_cheapest_setting_that_fits():
     cfg = cfg_for()

@@ -30,12 +30,14 @@ def _cmd_data_cache(args) -> None:
     from .models import load_spec
     from .train.distributed import make_accelerator
     from .train.encode import cache_root, prepare_data
+    from .train.memory import encoder_dtype
 
     cfg = load_config(args.config, args.overrides)
     accelerator = make_accelerator(cfg)  # under torchrun each rank encodes its own share
-    spec = load_spec(cfg.model.path, cfg.model.variant)
+    enc = encoder_dtype(cfg, accelerator.device)
+    spec = load_spec(cfg.model.path, cfg.model.variant, {"text_encoder": enc, "vae": enc, "transformer": enc})
     spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
-    spec.encoders_to(accelerator.device)
+    spec.encoders_to(accelerator.device, enc)
     data = prepare_data(spec, cfg, accelerator)
     if accelerator.is_main_process:
         print(f"cache {cache_root(cfg)}: {len(data.dataset)} clips ready, {len(data.skipped)} skipped; "

@@ -51,6 +51,9 @@ class DataConfig(_Section):
     buckets: BucketConfig | None = None
     cache_dir: Path | None = None  # None: {output_dir}/cache
     num_workers: int = Field(2, ge=0)
+    # cached latents and text embeddings kept in RAM after their first read, up to this many GiB per process
+    # (0: read from disk at every step; reads happen on a prefetch thread either way)
+    ram_cache_gb: float = Field(2.0, ge=0)
 
     @field_validator("height", "width")
     @classmethod
@@ -74,7 +77,7 @@ class OptimizerConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping
 
 
 class SchedulerConfig(_Section):
@@ -112,11 +115,22 @@ class MemoryConfig(_Section):
     # 8-bit AdamW ~0%, encoder offload 0% once the cache is built.
     gradient_checkpointing: bool = False
     checkpointing_every: int = Field(1, ge=1)  # with gradient_checkpointing: checkpoint blocks 0, k, 2k, ...
+    # with gradient_checkpointing: the inputs each checkpointed block keeps for backward wait in host RAM instead
+    # (one hidden state per block; PCIe copies that overlap compute only partly, ~+5-15% step time)
+    activation_offload: bool = False
+    # step each parameter's optimizer as soon as its gradient is complete, then free that gradient: a full
+    # fine-tune never holds all gradients at once (5B: 22 GB in fp32). One process, no accumulation and no global
+    # clipping (optimizer.max_grad_norm: null); step time unchanged
+    optimizer_in_backward: bool = False
     fp8_weights: bool = False  # frozen base Linear weights stored as float8_e4m3fn, computed in the training dtype
     block_offload: bool = False  # frozen transformer blocks live on the CPU and are streamed in block by block
     vae_slicing: bool = True
     vae_tiling: bool = True
     offload_encoders: bool = True  # move the text encoder and VAE off the accelerator once the clips are encoded
+    # dtype of T5 and the VAE while they encode (and, for I2V with image noise, during training). auto: bf16 on a
+    # bf16-capable CUDA device with mixed precision (T5-XXL takes 9.5 GB instead of 19; the official trainer encodes
+    # in bf16 too; T5 overflows in fp16), else fp32. Part of the cache fingerprint: changing it re-encodes.
+    encoder_dtype: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 class ValidationConfig(_Section):

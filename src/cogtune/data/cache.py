@@ -313,7 +313,8 @@ class LatentCache:
                      world_size: int = 1, progress: bool = True, retry_failed: bool = False) -> CacheReport:
         """Encode this rank's share of the unique clips not yet cached (split by key: same items on every rank).
 
-        load_video(item) -> [F, 3, H, W] in [-1, 1]; encode_video([1, F, 3, H, W]) -> {name: [1, ...]}. A loader
+        load_video(item) -> [F, 3, H, W] in [-1, 1], or a dict of it as "video" and more inputs of encode_video
+        (each gets a batch dim); encode_video([1, F, 3, H, W], **more) -> {name: [1, ...]}. A loader
         failure is recorded in failed/ and not retried for the same key unless retry_failed; an encoder failure
         is reported and retried by the next build."""
         t0, report = time.perf_counter(), CacheReport(rank, world_size)
@@ -360,12 +361,15 @@ class LatentCache:
                     encode_video: Callable[[torch.Tensor], dict[str, torch.Tensor]], report: CacheReport) -> None:
         failure, loaded = self._failure_path(key), False
         try:
-            video = load_video(item)
+            video, extra = load_video(item), {}
+            if isinstance(video, dict):  # {"video": [F, 3, H, W], other inputs of encode_video (e.g. "images")}
+                extra = {k: v.unsqueeze(0) for k, v in video.items() if k != "video"}
+                video = video["video"]
             if not isinstance(video, torch.Tensor) or video.ndim != 4 or video.shape[1] != 3:
                 raise ValueError(f"load_video returned {getattr(video, 'shape', type(video))}; expected [F, 3, H, W]")
             loaded = True
             with torch.no_grad():
-                out = encode_video(video.unsqueeze(0))
+                out = encode_video(video.unsqueeze(0), **extra)
             bad = [k for k, v in out.items() if not isinstance(v, torch.Tensor) or v.ndim < 1 or v.shape[0] != 1]
             if not out or bad:
                 raise ValueError(f"encode_video must return tensors with batch dim 1; bad: {bad or 'empty dict'}")

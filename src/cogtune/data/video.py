@@ -253,6 +253,20 @@ def decode_plan(path: PathLike, plan: FramePlan, height: int, width: int, crop: 
     return out.clamp_(-1.0, 1.0)
 
 
+def load_image(path: PathLike, height: int, width: int, crop: str = "center",
+               rng: np.random.Generator | None = None) -> torch.Tensor:
+    """An image file, scaled to cover height x width and cropped like a clip's frames: float32 [3, H, W] in [-1, 1]."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise CogtuneError(f"{path}: not a readable image ({e})") from None
+    x = _resize_crop_tensor(torch.from_numpy(rgb).permute(2, 0, 1)[None].float(), height, width, crop, rng)[0]
+    return (x / 127.5 - 1.0).clamp_(-1.0, 1.0)
+
+
 def load_clip(path: PathLike, frames: int, height: int, width: int, mode: str = "uniform", crop: str = "center",
               seed: int | None = None, *, start: float | None = None, end: float | None = None,
               target_fps: float | None = None, short: str = "skip", allowed: Sequence[int] | None = None,

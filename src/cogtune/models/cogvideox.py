@@ -78,11 +78,13 @@ class CogVideoXSpec:
         self.scaling = self.vae.config.scaling_factor
         self.invert_image_scale = bool(self.vae.config.get("invert_scale_latents", False))
         self.compute_dtype = torch.float32
+        self.encode_device = torch.device("cpu")
 
     @classmethod
-    def load(cls, path: str | Path, variant: str | None = None) -> "CogVideoXSpec":
+    def load(cls, path: str | Path, variant: str | None = None, dtypes: dict | None = None) -> "CogVideoXSpec":
         var = resolve_variant(path, variant)
-        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+        dtype = {"default": torch.float32, **dtypes} if dtypes else torch.float32
+        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         for part in (pipe.transformer, pipe.vae, pipe.text_encoder):
             part.requires_grad_(False)
         return cls(pipe, var, str(path))
@@ -112,6 +114,7 @@ class CogVideoXSpec:
     # --- encoding (no grad, frozen parts) ---------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, captions: list[str]) -> torch.Tensor:
+        self._on_device(self.pipe.text_encoder, away=self.vae)
         embeds, _ = self.pipe.encode_prompt(
             captions,
             do_classifier_free_guidance=False,
@@ -121,15 +124,18 @@ class CogVideoXSpec:
         return embeds.float()
 
     @torch.no_grad()
-    def encode_videos(self, videos: torch.Tensor) -> dict[str, torch.Tensor]:
-        """[B, F, 3, H, W] → latent mean/logvar [B, C, f, h, w] (+ first-frame ones for I2V)."""
+    def encode_videos(self, videos: torch.Tensor, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """[B, F, 3, H, W] → latent mean/logvar [B, C, f, h, w] (+ I2V conditioning-image ones: from `images`
+        [B, 3, H, W] when the dataset lists images, else from the first selected frame)."""
+        self._on_device(self.vae, away=self.pipe.text_encoder)
         x = videos.to(self.vae.device, self.vae.dtype).permute(0, 2, 1, 3, 4)
         dist = self.vae.encode(x).latent_dist
         out = {"latent_mean": dist.mean.float(), "latent_logvar": dist.logvar.float()}
-        if self.variant.i2v:  # the conditioning image: the first selected frame, after the same resize and crop
-            first = self.vae.encode(x[:, :, :1]).latent_dist
+        if self.variant.i2v:
+            image = x[:, :, :1] if images is None else images.to(x)[:, :, None]
+            first = self.vae.encode(image).latent_dist
             out |= {"image_mean": first.mean.float(), "image_logvar": first.logvar.float(),
-                    "image_pixels": x[:, :, 0].float()}
+                    "image_pixels": image[:, :, 0].float()}
         return out
 
     @staticmethod
@@ -247,15 +253,30 @@ class CogVideoXSpec:
         (self.vae.enable_slicing if slicing else self.vae.disable_slicing)()
         (self.vae.enable_tiling if tiling else self.vae.disable_tiling)()
 
-    def encoders_to(self, device) -> None:
-        self.vae.to(device)
-        self.pipe.text_encoder.to(device)
+    def encoders_to(self, device, dtype: torch.dtype | None = None) -> None:
+        """Where (and in which dtype) T5 and the VAE encode. Each moves to `device` when it is used and sends the
+        other one back to the CPU, so the accelerator holds one of them at a time: T5-XXL alone is 9.5 GB in bf16."""
+        self.encode_device = torch.device(device)
+        for part in (self.vae, self.pipe.text_encoder):
+            if dtype not in (None, part.dtype):  # .to() with a dtype makes diffusers warn, even when it is a no-op
+                part.to(dtype=dtype)
 
-    def offload_encoders(self, keep_vae: bool = False) -> None:
-        """Text encoder (and VAE unless still needed) off the accelerator once everything is encoded."""
-        self.pipe.text_encoder.to("cpu")
-        if not keep_vae:
-            self.vae.to("cpu")
+    def _on_device(self, part, away) -> None:
+        if part.device != self.encode_device:
+            if away.device != torch.device("cpu"):
+                away.to("cpu")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            part.to(self.encode_device)
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        return self.pipe.text_encoder.dtype
+
+    def encoders_for_training(self, text: bool, vae: bool) -> None:
+        """Once everything is encoded: which encoders stay on the accelerator (the rest go to the CPU)."""
+        self.pipe.text_encoder.to(self.encode_device if text else "cpu")
+        self.vae.to(self.encode_device if vae else "cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

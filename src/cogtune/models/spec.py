@@ -23,8 +23,9 @@ class ModelSpec(Protocol):
     def encode_prompts(self, captions: list[str]) -> torch.Tensor:
         """Text embeddings exactly as the inference pipeline computes them."""
 
-    def encode_videos(self, videos: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Videos [B, F, 3, H, W] in [-1, 1] → cacheable tensors (latent distribution parameters, image latents)."""
+    def encode_videos(self, videos: torch.Tensor, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Videos [B, F, 3, H, W] in [-1, 1] (and I2V conditioning images [B, 3, H, W], when listed) → cacheable
+        tensors (latent distribution parameters, image latents)."""
 
     def training_loss(
         self,
@@ -39,9 +40,14 @@ class ModelSpec(Protocol):
 
     def set_vae_memory(self, slicing: bool, tiling: bool) -> None: ...
 
-    def encoders_to(self, device: torch.device) -> None: ...
+    def encoders_to(self, device: torch.device, dtype: torch.dtype | None = None) -> None: ...
 
-    def offload_encoders(self, keep_vae: bool = False) -> None: ...
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        """The dtype the encoders run in now (part of the cache fingerprint)."""
+
+    def encoders_for_training(self, text: bool, vae: bool) -> None:
+        """Once everything is encoded: which encoders stay on the accelerator (the rest go to the CPU)."""
 
     def pipeline(self, transformer: torch.nn.Module | None = None):
         """The stock diffusers pipeline over this model's components (optionally with another transformer)."""

@@ -21,7 +21,7 @@ NOTES = {
     "optimizer": "states of the trainable parameters on this GPU",
     "activations": "saved by autograd (checkpointed blocks keep their input)",
     "workspace": "transients, recomputed block, optimizer scratch",
-    "encoders": "T5 and VAE in fp32 while on the GPU",
+    "encoders": "T5 and VAE in memory.encoder_dtype while on the GPU",
     "context": "not in torch.cuda.max_memory_allocated",
 }
 
@@ -63,7 +63,7 @@ def format_proposal(plan: MemoryPlan) -> str:
     head = f"GPU {budget:g} GiB (plan to {budget * (1 - HEADROOM):.1f} GiB, {HEADROOM:.0%} kept for fragmentation): "
     switches = " ".join(p.overrides) or "(as configured)"
     if not p.fits and p.note:
-        return head + f"{p.note}: it does not fit as cogtune loads them today; the training switches:\n  {switches}"
+        return head + f"{p.note}: encode on a larger GPU first (`cogtune data cache`, same config), then train here with:\n  {switches}"
     if not p.fits:
         return (head + f"nothing fits; the smallest is {p.total / GiB:.1f} GiB with\n  {switches}\n  "
                 "→ fewer frames, a smaller size, more GPUs (--world-size with zero3 or fsdp2), or a larger GPU")

@@ -27,8 +27,9 @@ shards (ZeRO-2; ZeRO-3 shards the bf16 module too and gathers two blocks) and a 
 shards on the host. FSDP2 shards everything and gathers two blocks.
 
 The peak is the largest of: forward end, backward start and end, optimizer step, encoding (before training the loop
-moves T5 and the VAE to the GPU in fp32, as CogVideoXSpec loads them), validation (with prompts); plus the CUDA
-context, which max_memory_allocated does not see. Host memory per process is the larger of the fp32 pipeline load
+moves T5, then the VAE, to the GPU, one at a time, in memory.encoder_dtype: bf16 on CUDA with mixed precision),
+validation (with prompts); plus the CUDA
+context, which max_memory_allocated does not see. Host memory per process is the larger of the pipeline load
 and what training keeps there (encoders, offloaded blocks, ZeRO shards). The switch search is in cogtune.plan.
 """
 
@@ -49,7 +50,6 @@ TEXT_TOKENS = 226
 CUDA_CONTEXT = 0.6 * GiB  # CUDA context + cuBLAS/cuDNN handles: outside max_memory_allocated, inside nvidia-smi
 HEADROOM = 0.08  # of the GPU kept free for allocator fragmentation (reserved − allocated)
 PROCESS_HOST = 3 * GiB  # python + torch + CUDA libraries, per process
-ENCODER_BYTES = 4  # CogVideoXSpec.load reads the pipeline in fp32; T5 and the VAE stay fp32
 VAE_ENCODE = 2.5 * GiB  # VAE encode workspace per clip with tiling (×4 without); rough
 VAE_DECODE = 4.0 * GiB  # validation decode workspace with tiling (×4 without); rough
 DS_BUCKET = 5e8  # DeepSpeed reduce_bucket_size default (elements)
@@ -166,6 +166,8 @@ class Switches:
     strategy: str = "auto"
     batch_size: int = 1
     accumulation: int = 1
+    activation_offload: bool = False
+    optimizer_in_backward: bool = False
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "Switches":
@@ -173,21 +175,27 @@ class Switches:
         return cls(bool(getattr(m, "gradient_checkpointing", False)), max(1, int(getattr(m, "checkpointing_every", 1))),
                    bool(getattr(m, "fp8_weights", False)), bool(getattr(m, "block_offload", False)),
                    bool(getattr(m, "offload_encoders", True)), str(getattr(cfg.optimizer, "name", "adamw")),
-                   cfg.distributed.strategy, cfg.batch_size, cfg.gradient_accumulation_steps)
+                   cfg.distributed.strategy, cfg.batch_size, cfg.gradient_accumulation_steps,
+                   bool(getattr(m, "activation_offload", False)), bool(getattr(m, "optimizer_in_backward", False)))
 
     def overrides(self, base: "Switches") -> list[str]:
         """key=value pairs that turn `base` into these switches."""
         keys = {k: f"memory.{k}" for k in ("gradient_checkpointing", "checkpointing_every", "fp8_weights",
-                                            "block_offload", "offload_encoders")}
+                                            "block_offload", "offload_encoders", "activation_offload",
+                                            "optimizer_in_backward")}
         keys |= {"optimizer": "optimizer.name", "strategy": "distributed.strategy", "batch_size": "batch_size",
                  "accumulation": "gradient_accumulation_steps"}
         changed = {k for k in keys if getattr(self, k) != getattr(base, k)}
         if not self.gradient_checkpointing:
-            changed.discard("checkpointing_every")
+            changed -= {"checkpointing_every", "activation_offload"}
+        if self.optimizer_in_backward and not base.optimizer_in_backward:
+            changed.add("max_grad_norm")
+        keys["max_grad_norm"] = "optimizer.max_grad_norm"
         if "batch_size" in changed:
             changed.add("accumulation")
         fmt = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
-        return [f"{keys[k]}={fmt(getattr(self, k))}" for k in keys if k in changed]
+        value = lambda k: "null" if k == "max_grad_norm" else fmt(getattr(self, k))  # noqa: E731
+        return [f"{keys[k]}={value(k)}" for k in keys if k in changed]
 
 
 TRAINING_PHASES = ("forward end", "backward start", "backward end", "optimizer step")
@@ -283,6 +291,14 @@ def block_saved_bytes(cfg: TrainConfig, st: ModelStats, inside: set[str], c: int
     return units * st.dim + rank_terms
 
 
+def encoder_bytes(cfg: TrainConfig, cuda: bool) -> int:
+    """Bytes per encoder parameter on the device: the rule of cogtune.train.memory.encoder_dtype."""
+    choice = getattr(cfg.memory, "encoder_dtype", "auto")
+    if choice == "auto":
+        choice = "bf16" if cuda and cfg.mixed_precision != "no" else "fp32"
+    return 2 if choice == "bf16" else 4
+
+
 def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float | None = None, *,
                 world_size: int | None = None, device: str = "cuda", attention: str = "sdpa",
                 switches: Switches | None = None, propose: bool = True) -> MemoryPlan:
@@ -312,7 +328,9 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
     if attention == "math":
         per_block += batch * st.heads * tokens**2 * c
     outside = unit * (UNITS["out_sft"] if sft else UNITS["out_lora"])
-    kept = (L - n_ckpt) * per_block + n_ckpt * unit + outside
+    # activation_offload: checkpointed blocks' inputs wait on the host; one is in flight at a time each way
+    offloaded = max(n_ckpt - 2, 0) * unit if s.activation_offload and n_ckpt else 0.0
+    kept = (L - n_ckpt) * per_block + n_ckpt * unit + outside - offloaded
     extra = UNITS["norm32"] * unit if n != c else 0.0
     t_fwd = UNITS["fwd_ckpt"] * unit if n_ckpt else UNITS["fwd_sft" if sft else "fwd_lora"] * unit
     t_fwd += extra + (2 * batch * st.heads * tokens**2 * c if attention == "math" else 0)
@@ -354,11 +372,14 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
         copies_end = c * st.block_grad_linear  # one block whose weights are swapped per layer
         copies_fwd = copies_bwd = ((L - n_ckpt) + (1 if n_ckpt else 0)) * copies_end
 
-    enc = ENCODER_BYTES * (st.t5_params + st.vae_params) if not s.offload_encoders else 0.0
+    e = encoder_bytes(cfg, cuda)
+    enc = e * (st.t5_params + st.vae_params) if not s.offload_encoders else 0.0
     if s.offload_encoders and name.endswith("-i2v") and cfg.i2v.image_noise:  # VAE encodes the noisy image each step
-        enc = ENCODER_BYTES * st.vae_params
+        enc = e * st.vae_params
     ctx = CUDA_CONTEXT if cuda else 0.0
     held = grads if s.accumulation > 1 else 0.0  # gradients accumulate across micro-batches
+    if s.optimizer_in_backward:  # each gradient is stepped and freed as it completes: about a block's worth at once
+        grads, opt_temp = min(grads, 4.0 * st.block_params), opt_temp / max(L, 1)
     base = {"frozen": frozen_bytes, "trainable": w_t, "gathered": gathered, "optimizer": states, "encoders": enc,
             "context": ctx}
 
@@ -373,23 +394,28 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
         "backward end": phase(activations=(unit if n_ckpt else per_block) + outside, copies=copies_end, workspace=t_bwd,
                               grads=grads),
         "optimizer step": phase(grads=grads, workspace=opt_temp),
-        # before training the encoders come to the GPU (the VAE workspace only when clips still need encoding)
-        "encoding": {**{p: 0.0 for p in PARTS}, "context": ctx, "workspace": VAE_ENCODE * tiles,
-                     "encoders": ENCODER_BYTES * (st.t5_params + st.vae_params)},
+        # before training the encoders visit the GPU one at a time: T5 for the captions, then the VAE for the clips
+        # (its workspace only matters while clips still need encoding)
+        "encoding": {**{p: 0.0 for p in PARTS}, "context": ctx,
+                     **max([{"encoders": e * st.t5_params, "workspace": 0.0},
+                            {"encoders": e * st.vae_params, "workspace": VAE_ENCODE * tiles}],
+                           key=lambda m: m["encoders"] + m["workspace"])},
     }
     if cfg.validation.prompts:  # between steps: no activations or gradients; the VAE visits the GPU to decode
         phases["validation"] = phase(workspace=VAE_DECODE * tiles + 4 * unit,
-                                     encoders=max(enc, ENCODER_BYTES * st.vae_params))
-    load = PROCESS_HOST + ENCODER_BYTES * (st.params + st.t5_params + st.vae_params)
+                                     encoders=max(enc, e * st.vae_params))
+    # the loop reads the transformer in the frozen dtype (LoRA) or fp32 (SFT) and the encoders in their dtype
+    load = PROCESS_HOST + (4 if sft else c) * st.params + e * (st.t5_params + st.vae_params)
     train_host = {"process": PROCESS_HOST, "frozen blocks (block offload)": host_blocks, "ZeRO offload": host_states,
-                  "encoders (offloaded)": ENCODER_BYTES * (st.t5_params + st.vae_params) - enc}
+                  "activations (activation_offload)": offloaded,
+                  "encoders (offloaded)": e * (st.t5_params + st.vae_params) - enc}
     if sum(train_host.values()) <= load:
-        train_host = {"process": PROCESS_HOST, "pipeline load (fp32)": load - PROCESS_HOST}
+        train_host = {"process": PROCESS_HOST, "pipeline load": load - PROCESS_HOST}
     details = {"trainable_params": p_t, "frozen_params": p_f, "activations_saved": kept, "activation_unit": unit,
-               "block_saved": per_block, "checkpointed_blocks": n_ckpt}
+               "block_saved": per_block, "checkpointed_blocks": n_ckpt, "activations_offloaded": offloaded}
     plan = MemoryPlan(name, cfg.method, world, device, tokens, s, phases, train_host, details, notes, gpu_memory)
     if plan.phase == "encoding":
-        notes.append(f"encoding (T5 + VAE in fp32 on the GPU before training) is the peak; training alone peaks at "
+        notes.append(f"encoding (T5, then the VAE, in {'fp32' if e == 4 else 'bf16'} on the GPU) is the peak; training alone peaks at "
                      f"{plan.training_peak[1] / GiB:.1f} GiB ({plan.training_peak[0]})")
     if gpu_memory is not None and propose:
         from . import propose_switches

@@ -44,7 +44,7 @@ def deepspeed_config(cfg) -> dict:
         "train_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size(),
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "gradient_clipping": cfg.optimizer.max_grad_norm,
+        "gradient_clipping": cfg.optimizer.max_grad_norm or 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.mixed_precision == "bf16"},
         "fp16": {"enabled": cfg.mixed_precision == "fp16"},

@@ -20,7 +20,7 @@ from ..data.buckets import assign_bucket, resolutions_for_area
 from ..data.cache import CacheItem, LatentCache, fingerprint_files
 from ..data.frames import plan_frames
 from ..data.sources import Sample, load_dataset, problem_text
-from ..data.video import decode_plan, probe
+from ..data.video import decode_plan, load_image, probe
 from ..errors import CogtuneError
 
 log = logging.getLogger("cogtune")
@@ -36,20 +36,45 @@ class PreparedData:
 
 
 class CachedItems:
-    """Training items read from the cache; video entry keys are resolved once (no stat of the source per read)."""
+    """Training items read from the cache; video entry keys are resolved once (no stat of the source per read).
+    Entries read once stay in RAM while they fit in `ram_bytes` (latents ~2 MB and T5 embeddings ~1.9 MB a clip at
+    49x480x720 in bf16), so small datasets are read from disk only in their first epoch. The tensors returned are
+    the kept ones: collate copies them; do not change them in place."""
 
-    def __init__(self, cache: LatentCache, items: list[CacheItem], listed: list[str]):
+    def __init__(self, cache: LatentCache, items: list[CacheItem], listed: list[str], ram_bytes: float = 0):
         self.cache, self.items, self.listed = cache, items, listed
         self.keys = [cache.video_key(item) for item in items]
+        self.ram_left = ram_bytes
+        self._videos: dict[int, dict] = {}
+        self._prompts: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def all_in_ram(self) -> bool:
+        return len(self._videos) == len(self.items)
+
+    def _keep(self, tensors) -> bool:
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if size > self.ram_left:
+            return False
+        self.ram_left -= size
+        return True
+
     def __getitem__(self, i: int) -> dict:
         item = self.items[i]
-        out = dict(self.cache.load_video_key(self.keys[i], self.listed[i]))
-        out["prompt_embeds"] = self.cache.prompt(item.caption)  # T5 embeddings are ~3.7 MB each: read, don't keep
-        return out | {"caption": item.caption, "path": self.listed[i]}
+        video = self._videos.get(i)
+        if video is None:
+            video = self.cache.load_video_key(self.keys[i], self.listed[i])
+            if self._keep(video.values()):
+                self._videos[i] = video
+        prompt = self._prompts.get(item.caption)
+        if prompt is None:
+            prompt = self.cache.prompt(item.caption)
+            if self._keep([prompt]):
+                self._prompts[item.caption] = prompt
+        return dict(video) | {"prompt_embeds": prompt, "caption": item.caption, "path": self.listed[i]}
 
 
 def collate(items: list[dict], device: torch.device) -> dict:
@@ -132,7 +157,8 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True) -> Prepared
             skipped.append(f"{name}: {problem_text(why) if why else 'unusable'}")
             continue
         h, w, f = bucket
-        item = CacheItem(str(s.video), s.caption, {"frames": f, "height": h, "width": w}, s.start, s.end, None)
+        image = str(s.image) if variant.i2v and s.image is not None else None  # else: the first frame conditions
+        item = CacheItem(str(s.video), s.caption, {"frames": f, "height": h, "width": w}, s.start, s.end, image)
         plans[id(item)] = (why, i)
         items.append(item)
         listed.append(name)
@@ -140,10 +166,14 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True) -> Prepared
         raise CogtuneError(f"no usable clips in {d.root}: all {len(samples)} were skipped "
                            f"(first: {skipped[0] if skipped else 'none listed'}); run `cogtune data check {d.root}`")
 
-    def load_video(item: CacheItem) -> torch.Tensor:
+    def load_video(item: CacheItem) -> torch.Tensor | dict:
         plan, index = plans[id(item)]
         st = item.settings
-        return decode_plan(item.video, plan, st["height"], st["width"], d.crop, _rng(cfg.seed + 1, index))
+        video = decode_plan(item.video, plan, st["height"], st["width"], d.crop, _rng(cfg.seed + 1, index))
+        if item.image is None:
+            return video
+        image = load_image(item.image, st["height"], st["width"], d.crop, _rng(cfg.seed + 2, index))
+        return {"video": video, "images": image}
 
     cache = LatentCache(cache_root(cfg), video_fingerprint(spec, cfg), text_fingerprint(spec))
     report = cache.build(items, load_video, spec.encode_videos, spec.encode_prompts, rank=rank, world_size=world,
@@ -158,7 +188,7 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True) -> Prepared
         log.warning("skipping %s", line)
     if not ready:
         raise CogtuneError(f"no clip could be encoded (first problem: {skipped[0] if skipped else 'unknown'})")
-    dataset = CachedItems(cache, [items[i] for i in ready], [listed[i] for i in ready])
+    dataset = CachedItems(cache, [items[i] for i in ready], [listed[i] for i in ready], d.ram_cache_gb * 2**30)
     buckets = [(items[i].settings["height"], items[i].settings["width"], items[i].settings["frames"]) for i in ready]
     return PreparedData(dataset, buckets, skipped, report)
 
@@ -179,10 +209,16 @@ def video_fingerprint(spec, cfg) -> dict:
             "sampling": d.sampling, "target_fps": d.target_fps or spec.variant.fps, "window": d.window,
             "short_clips": d.short_clips, "crop": d.crop, "i2v": spec.variant.i2v, "tiling": cfg.memory.vae_tiling,
             # the seed only picks random windows and crops
-            "seed": cfg.seed if "random" in (d.sampling, d.window, d.crop) else None}
+            "seed": cfg.seed if "random" in (d.sampling, d.window, d.crop) else None} | _dtype_key(spec)
 
 
 def text_fingerprint(spec) -> dict:
     path = Path(spec.model_path)
     return {"v": CACHE_VERSION, "text_encoder": fingerprint_files([path / "text_encoder", path / "tokenizer"]),
-            "max_length": 226}
+            "max_length": 226} | _dtype_key(spec)
+
+
+def _dtype_key(spec) -> dict:
+    """Encoders in another dtype give other tensors; fp32 (the first dtype) adds no key, so older caches stay valid."""
+    dtype = spec.encoder_dtype
+    return {} if dtype == torch.float32 else {"encoder_dtype": str(dtype).removeprefix("torch.")}

@@ -8,8 +8,10 @@ config alone, resumes exactly, and gives the same losses on 1 process with accum
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from ..models import load_spec, resolve_variant
 from .checkpoint import install_trainable_only_hooks, load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import is_sharded, make_accelerator
 from .encode import collate, prepare_data
-from .memory import block_offload, every_kth_checkpointing, fp8_storage, make_optimizer
+from .memory import (block_offload, check_optimizer_in_backward, encoder_dtype, every_kth_checkpointing, fp8_storage,
+                     make_optimizer)
 from .metrics import MetricsLog
 from .outputs import save_outputs
 
@@ -82,16 +85,21 @@ def prepare_model(spec, cfg: TrainConfig, device) -> list[torch.nn.Parameter]:
         transformer.requires_grad_(True)
     spec.to(device, WEIGHT_DTYPES[cfg.mixed_precision])
     m = cfg.memory
+    if m.activation_offload and not m.gradient_checkpointing:
+        raise CogtuneError("memory.activation_offload moves what checkpointed blocks keep to the host: it needs "
+                           "memory.gradient_checkpointing: true")
+    if m.activation_offload and device.type != "cuda":
+        log.warning("memory.activation_offload saves accelerator memory only; on %s it just copies", device.type)
     if m.gradient_checkpointing:
-        every_kth_checkpointing(transformer, m.checkpointing_every)
+        every_kth_checkpointing(transformer, m.checkpointing_every, offload=m.activation_offload)
     if m.fp8_weights:
         if cfg.method != "lora":
             raise CogtuneError("memory.fp8_weights stores frozen weights in fp8: it needs method: lora")
         fp8_storage(transformer, WEIGHT_DTYPES[cfg.mixed_precision] if cfg.mixed_precision != "no" else torch.float32)
     if m.block_offload:
         block_offload(transformer, device)
-    if cfg.memory.offload_encoders:
-        spec.offload_encoders(keep_vae=spec.variant.i2v and cfg.i2v.image_noise)
+    keep = not cfg.memory.offload_encoders
+    spec.encoders_for_training(text=keep, vae=keep or (spec.variant.i2v and cfg.i2v.image_noise))
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
@@ -138,6 +146,27 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def prefetched(sampler, load, in_ram=lambda: False):
+    """Yields (sampler state once this batch is done, batch). While batches come from disk, the next one is read and
+    collated on a thread as the caller trains on this one; once `in_ram()`, on the caller's thread (a thread only
+    competes for the GIL then). The state is captured when a batch is drawn, so a checkpoint saves the position
+    after the batch trained last, not after the one read ahead."""
+    with ThreadPoolExecutor(1, thread_name_prefix="cogtune-prefetch") as pool:
+        batches = iter(sampler)
+
+        def draw():
+            indices = next(batches, None)
+            if indices is None:
+                return None
+            return sampler.state_dict(), (indices if in_ram() else pool.submit(load, indices))
+
+        pending = draw()
+        while pending is not None:
+            state, ahead = pending
+            pending = draw()
+            yield state, load(ahead) if isinstance(ahead, list) else ahead.result()
+
+
 def any_rank(accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
@@ -163,17 +192,22 @@ def train(cfg: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
 
-    spec = load_spec(cfg.model.path, cfg.model.variant)
+    # read each part in the dtype it trains or encodes in: a 5B LoRA run needs ~20 GB of host RAM, not ~40
+    enc = encoder_dtype(cfg, device)
+    frozen = WEIGHT_DTYPES[cfg.mixed_precision] if cfg.method == "lora" else torch.float32
+    spec = load_spec(cfg.model.path, cfg.model.variant, {"transformer": frozen, "text_encoder": enc, "vae": enc})
     spec.check_size(cfg.data.frames, cfg.data.height, cfg.data.width)
     spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
-    spec.encoders_to(device)
+    spec.encoders_to(device, enc)
     data = prepare_data(spec, cfg, accelerator)
     validator = make_validator(spec, cfg)
 
     params = prepare_model(spec, cfg, device)
     transformer = spec.transformer
-    o = cfg.optimizer
-    optimizer = make_optimizer(params, o)
+    o, in_backward = cfg.optimizer, cfg.memory.optimizer_in_backward
+    if in_backward:
+        check_optimizer_in_backward(cfg, world)
+    optimizer = make_optimizer(params, o, in_backward)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor
     lr_scheduler = get_scheduler(cfg.lr_scheduler.name, optimizer, num_warmup_steps=cfg.lr_scheduler.warmup_steps * world,
                                  num_training_steps=cfg.max_steps * world)
@@ -193,94 +227,106 @@ def train(cfg: TrainConfig) -> TrainResult:
         log.info("resumed from %s at step %d", resume_from, step)
 
     metrics = MetricsLog(out / "logs", enabled=main)
-    heldout = [data.dataset[i] for i in range(min(cfg.validation.heldout_clips, len(data.dataset)))]
-    everyone = is_sharded(cfg)  # sharded weights: every rank must run each forward pass
+    try:
+        heldout = [data.dataset[i] for i in range(min(cfg.validation.heldout_clips, len(data.dataset)))]
+        everyone = is_sharded(cfg)  # sharded weights: every rank must run each forward pass
 
-    def validate(at: int) -> None:
-        if cfg.validation.heldout_loss and (main or everyone):
-            value = heldout_loss(spec, transformer, heldout, cfg.seed, cfg.loss, device)
-            metrics.log(at, heldout_loss=value)
-        if validator is not None and at > 0 and (main or everyone):
-            validator(transformer, out / "validation" / f"step-{at}", device, accelerator.autocast,
-                      metrics.tensorboard, at, write=main)
+        def validate(at: int) -> None:
+            if cfg.validation.heldout_loss and (main or everyone):
+                value = heldout_loss(spec, transformer, heldout, cfg.seed, cfg.loss, device)
+                metrics.log(at, heldout_loss=value)
+            if validator is not None and at > 0 and (main or everyone):
+                validator(transformer, out / "validation" / f"step-{at}", device, accelerator.autocast,
+                          metrics.tensorboard, at, write=main)
 
-    def checkpoint(at: int) -> Path:
-        trainer_state = {"step": at, "sampler": sampler.state_dict()}
-        return save_checkpoint(accelerator, out, at, trainer_state, run_config, cfg.checkpoint.keep_last)
+        sampler_state = sampler.state_dict()
 
-    if step == 0:
-        validate(0)
-    accum = cfg.gradient_accumulation_steps
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", disable=not main, dynamic_ncols=True)
-    micro, t0, interrupted, last_ckpt, skipped_steps, step_loss = 0, time.perf_counter(), False, resume_from, 0, 0.0
-    deepspeed, skip = accelerator.distributed_type.name == "DEEPSPEED", False
-    with StopFlag() as stop:
-        while step < cfg.max_steps and not interrupted:
-            for indices in sampler:
-                items = [data.dataset[i] for i in indices]
-                batch = collate(items, device)
-                with accelerator.accumulate(model):
-                    position = ((micro % accum) * world + rank) * len(indices)
-                    gens = sample_generators(cfg.seed, step, position, len(indices))
-                    loss = spec.training_loss(model, batch, gens, loss_cfg=cfg.loss, i2v_cfg=cfg.i2v)
-                    if any_rank(accelerator, not torch.isfinite(loss).item()):
-                        mine = batch["paths"] if not torch.isfinite(loss).item() else []
-                        where = f"non-finite loss at step {step + 1} on {', '.join(sorted(set(gather_object(mine))))}"
-                        if cfg.on_nonfinite == "stop":
-                            keep = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
-                            raise CogtuneError(f"{where}; {keep} (on_nonfinite: skip_step skips such steps)")
-                        log.warning("%s: step skipped", where)
-                        skip = True
-                        loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # every rank still runs the same collectives
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients and not deepspeed:  # DeepSpeed clips inside its own step
-                        grad_norm = accelerator.clip_grad_norm_(params, o.max_grad_norm)
-                        if grad_norm is not None and not torch.isfinite(grad_norm):
+        def checkpoint(at: int) -> Path:
+            metrics.flush()
+            trainer_state = {"step": at, "sampler": sampler_state}
+            return save_checkpoint(accelerator, out, at, trainer_state, run_config, cfg.checkpoint.keep_last)
+
+        if step == 0:
+            validate(0)
+        accum = cfg.gradient_accumulation_steps
+
+        def load_batch(indices: list[int]) -> dict:
+            return collate([data.dataset[i] for i in indices], device)
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="training", disable=not main, dynamic_ncols=True)
+        micro, t0, interrupted, last_ckpt, skipped_steps, step_loss = 0, time.perf_counter(), False, resume_from, 0, 0.0
+        deepspeed, skip = accelerator.distributed_type.name == "DEEPSPEED", False
+        with StopFlag() as stop:
+            while step < cfg.max_steps and not interrupted:
+                for sampler_state, batch in prefetched(sampler, load_batch, lambda: data.dataset.all_in_ram):
+                    size = len(batch["paths"])
+                    with accelerator.accumulate(model):
+                        position = ((micro % accum) * world + rank) * size
+                        gens = sample_generators(cfg.seed, step, position, size)
+                        loss = spec.training_loss(model, batch, gens, loss_cfg=cfg.loss, i2v_cfg=cfg.i2v)
+                        loss_f = loss.item()  # the step's one host sync
+                        if any_rank(accelerator, not math.isfinite(loss_f)):
+                            mine = batch["paths"] if not math.isfinite(loss_f) else []
+                            where = f"non-finite loss at step {step + 1} on {', '.join(sorted(set(gather_object(mine))))}"
                             if cfg.on_nonfinite == "stop":
-                                raise CogtuneError(f"non-finite gradient at step {step + 1} (clips "
-                                                   f"{', '.join(batch['paths'])}); the weights were not updated")
+                                keep = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                                raise CogtuneError(f"{where}; {keep} (on_nonfinite: skip_step skips such steps)")
+                            log.warning("%s: step skipped", where)
                             skip = True
-                    if accelerator.sync_gradients and skip and not deepspeed:
-                        skipped_steps += 1  # no optimizer or schedule step: the weights stay as they were
-                    else:
-                        optimizer.step()
-                        lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                micro += 1
-                step_loss = step_loss + loss.detach() / accum
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                row_extra = {"skipped": True} if skip else {}
-                skip = False
-                # the mean over the whole global batch: every micro-batch of every rank
-                loss_value = accelerator.reduce(step_loss, reduction="mean").item()
-                step_loss = 0.0
-                lr = lr_scheduler.get_last_lr()[0]
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    row = dict(loss=loss_value, lr=lr, elapsed_s=round(time.perf_counter() - t0, 3))
-                    if grad_norm is not None:
-                        row["grad_norm"] = float(grad_norm)
-                    metrics.log(step, **row, **row_extra)
-                if cfg.validation.every_steps and step % cfg.validation.every_steps == 0 and step < cfg.max_steps:
-                    validate(step)
-                if any_rank(accelerator, stop.requested):
-                    last_ckpt, interrupted = checkpoint(step), True
-                    break
-                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                    last_ckpt = checkpoint(step)
-                if step >= cfg.max_steps:
-                    break
-    bar.close()
-    if interrupted:
+                            loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # every rank still runs the same collectives
+                            loss_f = 0.0
+                        if not (skip and in_backward):  # in backward, the step happens in there
+                            accelerator.backward(loss)
+                        grad_norm = None
+                        if accelerator.sync_gradients and not deepspeed and o.max_grad_norm:  # DeepSpeed: its own
+                            grad_norm = accelerator.clip_grad_norm_(params, o.max_grad_norm)
+                            grad_norm = None if grad_norm is None else float(grad_norm)
+                            if grad_norm is not None and not math.isfinite(grad_norm):
+                                if cfg.on_nonfinite == "stop":
+                                    raise CogtuneError(f"non-finite gradient at step {step + 1} (clips "
+                                                       f"{', '.join(batch['paths'])}); the weights were not updated")
+                                skip = True
+                        if accelerator.sync_gradients and skip and not deepspeed:
+                            skipped_steps += 1  # no optimizer or schedule step: the weights stay as they were
+                        else:
+                            optimizer.step()
+                            lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    micro += 1
+                    step_loss += loss_f / accum
+                    if not accelerator.sync_gradients:
+                        continue
+                    step += 1
+                    row_extra = {"skipped": True} if skip else {}
+                    skip = False
+                    # the mean over the whole global batch: every micro-batch of every rank
+                    loss_value = step_loss if world == 1 else accelerator.reduce(
+                        torch.tensor(step_loss, device=device), reduction="mean").item()
+                    step_loss = 0.0
+                    lr = lr_scheduler.get_last_lr()[0]
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    bar.update(1)  # redraws at most every mininterval
+                    if step % cfg.log_every == 0 or step == cfg.max_steps:
+                        row = dict(loss=loss_value, lr=lr, elapsed_s=round(time.perf_counter() - t0, 3))
+                        if grad_norm is not None:
+                            row["grad_norm"] = grad_norm
+                        metrics.log(step, **row, **row_extra)
+                    if cfg.validation.every_steps and step % cfg.validation.every_steps == 0 and step < cfg.max_steps:
+                        validate(step)
+                    if any_rank(accelerator, stop.requested):
+                        last_ckpt, interrupted = checkpoint(step), True
+                        break
+                    if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                        last_ckpt = checkpoint(step)
+                    if step >= cfg.max_steps:
+                        break
+        bar.close()
+        if interrupted:
+            return TrainResult(step, len(data.dataset), data.skipped, {}, transformer, spec, True, last_ckpt)
+        validate(step)
+        accelerator.wait_for_everyone()
+        outputs = save_outputs(accelerator, model, spec, cfg, step)
+        accelerator.end_training()
+        return TrainResult(step, len(data.dataset), data.skipped, outputs, transformer, spec, False, last_ckpt)
+    finally:
         metrics.close()
-        return TrainResult(step, len(data.dataset), data.skipped, {}, transformer, spec, True, last_ckpt)
-    validate(step)
-    accelerator.wait_for_everyone()
-    outputs = save_outputs(accelerator, model, spec, cfg, step)
-    metrics.close()
-    accelerator.end_training()
-    return TrainResult(step, len(data.dataset), data.skipped, outputs, transformer, spec, False, last_ckpt)

@@ -14,17 +14,55 @@ log = logging.getLogger("cogtune")
 FP8_SKIP = ("patch_embed", "norm", "lora_", "proj_out", "pos_embedding", "time_embedding", "ofs_embedding")
 
 
-def every_kth_checkpointing(transformer, k: int) -> None:
-    """Checkpoint blocks 0, k, 2k, ... only: memory between none and all, at a share of the recompute cost."""
+def encoder_dtype(cfg, device: torch.device) -> torch.dtype:
+    """The dtype T5 and the VAE encode in (memory.encoder_dtype; auto: bf16 on a bf16-capable CUDA device with mixed
+    precision; T5 overflows in fp16, so an fp16 run still encodes in bf16)."""
+    choice = cfg.memory.encoder_dtype
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" and cfg.mixed_precision != "no" and torch.cuda.is_bf16_supported() \
+            else "fp32"
+    return torch.bfloat16 if choice == "bf16" else torch.float32
+
+
+def every_kth_checkpointing(transformer, k: int, offload: bool = False) -> None:
+    """Checkpoint blocks 0, k, 2k, ... only: memory between none and all, at a share of the recompute cost.
+    With `offload`, what a checkpointed block keeps for backward (its tensor inputs) waits on the host."""
     transformer.enable_gradient_checkpointing()
     index = {id(block): i for i, block in enumerate(transformer.transformer_blocks)}
 
     def maybe_checkpoint(block, *args):
-        if index.get(id(block), 0) % k == 0:
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        if index.get(id(block), 0) % k:
+            return block(*args)
+        if offload:
+            return offloaded_checkpoint(block, *args)
+        return checkpoint(block, *args, use_reentrant=False)
 
     transformer._gradient_checkpointing_func = maybe_checkpoint
+
+
+def offloaded_checkpoint(block, *args):
+    """A non-reentrant checkpoint whose recompute reads the block's tensor inputs from host copies.
+
+    torch's checkpoint holds its inputs by reference until backward. Here the inputs reach the checkpointed
+    function through a holder that gives them up after the first call, so once the forward moves on only the host
+    copies remain (the gradient still flows through the autograd graph of the first call, which the recompute only
+    refills). The copies go to pinned memory asynchronously on CUDA; on the CPU they are clones (no saving there,
+    the switch only makes sense with an accelerator)."""
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    pinned = device.type == "cuda"
+    host = [a.detach().to("cpu", non_blocking=True) if isinstance(a, torch.Tensor) and pinned
+            else a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+    wants_grad = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
+    holder = [args]
+
+    def run():
+        if holder:
+            return block(*holder.pop())
+        # the recompute must save what the first call saved, which depends on which inputs required grad
+        return block(*(a.to(device, non_blocking=True).requires_grad_(g) if isinstance(a, torch.Tensor) else a
+                       for a, g in zip(host, wants_grad)))
+
+    return checkpoint(run, use_reentrant=False)
 
 
 def fp8_storage(transformer, compute_dtype: torch.dtype) -> None:
@@ -53,7 +91,55 @@ OPTIMIZERS = {  # name: (module, class, pip package)
 }
 
 
-def make_optimizer(params, o) -> torch.optim.Optimizer:
+class OptimizerInBackward(torch.optim.Optimizer):
+    """One optimizer per parameter, stepped by a hook the moment that parameter's gradient is complete; the gradient
+    is freed right after, so the gradients of the whole model never exist at once.
+
+    `step()` and `zero_grad()` are no-ops. The param groups and the state are the per-parameter optimizers' own
+    objects, so LR schedulers, `state_dict()` and `load_state_dict()` (checkpoints) work as for one optimizer."""
+
+    def __init__(self, params, make_one):
+        params = list(params)
+        self.inner = [make_one([p]) for p in params]
+        super().__init__([opt.param_groups[0] for opt in self.inner], self.inner[0].defaults)
+        self._link()
+        for p, opt in zip(params, self.inner):
+            p.register_post_accumulate_grad_hook(lambda p, opt=opt: _step_and_free(opt))
+
+    def _link(self) -> None:
+        for opt, group in zip(self.inner, self.param_groups):
+            opt.param_groups, opt.state = [group], self.state
+
+    def step(self, closure=None):
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._link()  # loading replaced the group dicts and the state
+
+
+def _step_and_free(opt: torch.optim.Optimizer) -> None:
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def check_optimizer_in_backward(cfg, world: int) -> None:
+    why = [("several processes (gradients must be reduced first)", world > 1 or cfg.distributed.strategy != "auto"),
+           ("gradient_accumulation_steps > 1", cfg.gradient_accumulation_steps > 1),
+           ("optimizer.max_grad_norm (clipping needs all gradients; set it to null)", cfg.optimizer.max_grad_norm),
+           ("mixed_precision: fp16 (the loss scaler unscales all gradients at once)", cfg.mixed_precision == "fp16")]
+    for what, present in why:
+        if present:
+            raise CogtuneError(f"memory.optimizer_in_backward steps each parameter during backward: it cannot work "
+                               f"with {what}")
+
+
+def make_optimizer(params, o, in_backward: bool = False) -> torch.optim.Optimizer:
+    if in_backward:
+        return OptimizerInBackward(params, lambda one: make_optimizer(one, o))
     module, cls, package = OPTIMIZERS[o.name]
     try:
         optimizer_cls = getattr(importlib.import_module(module), cls)
