@@ -97,7 +97,7 @@ def test_two_processes_match_one(config, tmp_path, tmp_path_factory, strategy, m
         assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
-@pytest.mark.parametrize("strategy,nproc", [("auto", 1), ("zero2", 2)])
+@pytest.mark.parametrize("strategy,nproc", [("auto", 1), ("zero2", 2), ("fsdp2", 2)])
 def test_exact_resume(config, tmp_path, strategy, nproc):
     method = "lora" if nproc == 1 else "sft"
     common = [config, f"method={method}", f"distributed.strategy={strategy}", "max_steps=6"]
@@ -106,6 +106,8 @@ def test_exact_resume(config, tmp_path, strategy, nproc):
                       nproc=nproc))
     ckpt = tmp_path / "split" / "checkpoint-3"
     assert (ckpt / "trainer_state.json").is_file()
+    if strategy == "fsdp2":  # each rank wrote its own shard
+        assert sorted(p.name for p in (ckpt / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     if nproc == 1:  # a LoRA checkpoint holds the adapters, not the frozen base
         assert (ckpt / "trainable.safetensors").is_file() and not list(ckpt.glob("model*.safetensors"))
         assert all("lora_" in k for k in load_file(str(ckpt / "trainable.safetensors")))

@@ -18,6 +18,7 @@ from ..errors import CogtuneError
 
 STATE = "trainer_state.json"
 TRAINABLE = "trainable.safetensors"
+SHARDED = "sharded"  # torch.distributed.checkpoint folder of an FSDP2 checkpoint
 # What a resumed run must share with the run that wrote the checkpoint (max_steps, logging, validation may change).
 MUST_MATCH = ("model.path", "model.variant", "method", "lora.rank", "lora.alpha", "lora.target_modules",
               "data.root", "data.frames", "data.height", "data.width", "data.sampling", "data.crop", "seed",
@@ -88,12 +89,43 @@ def install_trainable_only_hooks(accelerator, model) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, config: dict, keep_last: int | None) -> Path:
+def save_sharded(accelerator, path: Path, model, optimizer, scheduler) -> None:
+    """FSDP2: each rank writes its own shards with torch.distributed.checkpoint (the same on CPU/gloo and CUDA);
+    the scheduler, identical on every rank, once."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path / SHARDED))
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), path / "scheduler.bin")
+
+
+def load_sharded(path: Path, model, optimizer, scheduler) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (path / SHARDED).is_dir():
+        raise CogtuneError(f"resume: {path} holds no {SHARDED}/ folder; it was not written by an fsdp2 run")
+    model_state, optim_state = get_state_dict(model, optimizer)  # initialises the optimizer state to load into
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path / SHARDED))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    scheduler.load_state_dict(torch.load(path / "scheduler.bin", weights_only=True))
+
+
+def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, config: dict, keep_last: int | None,
+                    sharded: tuple | None = None) -> Path:
+    """`sharded`: (model, optimizer, scheduler) of an FSDP2 run, saved with torch.distributed.checkpoint."""
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    if sharded:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_sharded(accelerator, tmp, *sharded)
+    else:
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
@@ -108,8 +140,11 @@ def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, conf
     return final
 
 
-def load_checkpoint(accelerator, path: Path, current_config: dict) -> dict:
+def load_checkpoint(accelerator, path: Path, current_config: dict, sharded: tuple | None = None) -> dict:
     saved_cfg = json.loads((path / "config.json").read_text())
     check_compatible(saved_cfg, current_config, path)
-    accelerator.load_state(str(path))
+    if sharded:
+        load_sharded(path, *sharded)
+    else:
+        accelerator.load_state(str(path))
     return json.loads((path / STATE).read_text())

@@ -219,9 +219,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
 
     sampler = BucketBatchSampler(data.buckets, cfg.batch_size, cfg.seed, rank, world, drop_last=False)
+    # FSDP2 checkpoints go through torch.distributed.checkpoint, the rest through accelerate
+    sharded = (model, optimizer.optimizer, lr_scheduler) if cfg.distributed.strategy == "fsdp2" else None
     step = 0
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, run_config)
+        state = load_checkpoint(accelerator, resume_from, run_config, sharded)
         step = state["step"]
         sampler.load_state_dict(state["sampler"])
         log.info("resumed from %s at step %d", resume_from, step)
@@ -244,7 +246,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         def checkpoint(at: int) -> Path:
             metrics.flush()
             trainer_state = {"step": at, "sampler": sampler_state}
-            return save_checkpoint(accelerator, out, at, trainer_state, run_config, cfg.checkpoint.keep_last)
+            return save_checkpoint(accelerator, out, at, trainer_state, run_config, cfg.checkpoint.keep_last, sharded)
 
         if step == 0:
             validate(0)
