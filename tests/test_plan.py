@@ -162,6 +162,11 @@ def test_encoders_visit_the_gpu_one_at_a_time_in_bf16():
     assert t5 == 2 * t5_params  # bf16 on CUDA with mixed precision; T5 alone is the larger visitor (VAE: ~0.2e9)
     assert fp32 == 4 * t5_params
     assert plan_memory(cfg_for(mixed_precision='"no"')).phase_parts["encoding"]["encoders"] == fp32
+    # streamed, T5 keeps its embedding table and two 4096 × 10240 feed-forward leaves (one running, one arriving):
+    # ~0.43 GB, so the VAE's turn (its weights and encode workspace) becomes the larger visitor
+    streamed = plan_memory(cfg_for(), switches=Switches(stream_text_encoder=True)).phase_parts["encoding"]
+    assert streamed["encoders"] < t5 / 10 and streamed["workspace"] > 0
+    assert sum(streamed.values()) < 4 * 2**30 < t5
 
 
 # --- proposals, CLI, errors ------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def _cmd_data_cache(args) -> None:
     enc = encoder_dtype(cfg, accelerator.device)
     spec = load_spec(cfg.model.path, cfg.model.variant, {"text_encoder": enc, "vae": enc, "transformer": enc})
     spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
-    spec.encoders_to(accelerator.device, enc)
+    spec.encoders_to(accelerator.device, enc, stream_text=cfg.memory.stream_text_encoder)
     data = prepare_data(spec, cfg, accelerator)
     if accelerator.is_main_process:
         print(f"cache {cache_root(cfg)}: {len(data.dataset)} clips ready, {len(data.skipped)} skipped; "
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--debug" not in (sys.argv[1:] if argv is None else argv):
+        # bitsandbytes (imported by diffusers when installed) warns about 4-bit CPU kernels cogtune never uses
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "overrides", None) is not None:  # key=value pairs may come after options too

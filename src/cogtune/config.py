@@ -131,6 +131,9 @@ class MemoryConfig(_Section):
     # bf16-capable CUDA device with mixed precision (T5-XXL takes 9.5 GB instead of 19; the official trainer encodes
     # in bf16 too; T5 overflows in fp16), else fp32. Part of the cache fingerprint: changing it re-encodes.
     encoder_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    # T5 stays in host RAM and streams to the accelerator layer by layer while it encodes the captions (prefetching
+    # the next layer): encoding needs ~0.5 GB there instead of 9.5 GB, for slower encoding, once (then cached)
+    stream_text_encoder: bool = False
 
 
 class ValidationConfig(_Section):

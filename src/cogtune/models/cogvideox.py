@@ -79,6 +79,7 @@ class CogVideoXSpec:
         self.invert_image_scale = bool(self.vae.config.get("invert_scale_latents", False))
         self.compute_dtype = torch.float32
         self.encode_device = torch.device("cpu")
+        self.text_streamed = False  # T5 lives on the CPU and streams to encode_device layer by layer
 
     @classmethod
     def load(cls, path: str | Path, variant: str | None = None, dtypes: dict | None = None) -> "CogVideoXSpec":
@@ -119,7 +120,7 @@ class CogVideoXSpec:
             captions,
             do_classifier_free_guidance=False,
             max_sequence_length=MAX_TEXT_TOKENS,
-            device=self.pipe.text_encoder.device,
+            device=self.encode_device,
         )
         return embeds.float()
 
@@ -253,21 +254,32 @@ class CogVideoXSpec:
         (self.vae.enable_slicing if slicing else self.vae.disable_slicing)()
         (self.vae.enable_tiling if tiling else self.vae.disable_tiling)()
 
-    def encoders_to(self, device, dtype: torch.dtype | None = None) -> None:
+    def encoders_to(self, device, dtype: torch.dtype | None = None, stream_text: bool = False) -> None:
         """Where (and in which dtype) T5 and the VAE encode. Each moves to `device` when it is used and sends the
-        other one back to the CPU, so the accelerator holds one of them at a time: T5-XXL alone is 9.5 GB in bf16."""
+        other one back to the CPU, so the accelerator holds one of them at a time: T5-XXL alone is 9.5 GB in bf16.
+        `stream_text`: T5 stays on the CPU and each layer visits `device` for its forward, the next one prefetched
+        (diffusers' leaf-level group offloading): ~0.5 GB on the accelerator instead of 9.5."""
         self.encode_device = torch.device(device)
         for part in (self.vae, self.pipe.text_encoder):
             if dtype not in (None, part.dtype):  # .to() with a dtype makes diffusers warn, even when it is a no-op
                 part.to(dtype=dtype)
+        if stream_text and not self.text_streamed:
+            from diffusers.hooks import apply_group_offloading
+
+            self.pipe.text_encoder.to("cpu")
+            apply_group_offloading(self.pipe.text_encoder, onload_device=self.encode_device, offload_type="leaf_level",
+                                   use_stream=self.encode_device.type == "cuda")
+            self.text_streamed = True
 
     def _on_device(self, part, away) -> None:
-        if part.device != self.encode_device:
-            if away.device != torch.device("cpu"):
-                away.to("cpu")
-                if torch.cuda.is_available():
+        """`part` to the encode device, `away` to the CPU (a streamed T5 is never moved as a whole)."""
+        for module, where in ((away, torch.device("cpu")), (part, self.encode_device)):
+            if module is self.pipe.text_encoder and self.text_streamed:
+                continue
+            if module.device != where:
+                module.to(where)
+                if where.type == "cpu" and torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            part.to(self.encode_device)
 
     @property
     def encoder_dtype(self) -> torch.dtype:
@@ -275,7 +287,8 @@ class CogVideoXSpec:
 
     def encoders_for_training(self, text: bool, vae: bool) -> None:
         """Once everything is encoded: which encoders stay on the accelerator (the rest go to the CPU)."""
-        self.pipe.text_encoder.to(self.encode_device if text else "cpu")
+        if not self.text_streamed:
+            self.pipe.text_encoder.to(self.encode_device if text else "cpu")
         self.vae.to(self.encode_device if vae else "cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -40,7 +40,8 @@ class ModelSpec(Protocol):
 
     def set_vae_memory(self, slicing: bool, tiling: bool) -> None: ...
 
-    def encoders_to(self, device: torch.device, dtype: torch.dtype | None = None) -> None: ...
+    def encoders_to(self, device: torch.device, dtype: torch.dtype | None = None, stream_text: bool = False) -> None:
+        """Where and in which dtype the encoders run; stream_text: the text encoder visits layer by layer."""
 
     @property
     def encoder_dtype(self) -> torch.dtype:

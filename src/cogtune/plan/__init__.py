@@ -4,6 +4,7 @@ and pick the cheapest memory switches that fit a GPU (`propose_switches`, here).
 The search tries every combination of: gradient checkpointing off / every 4th / every 2nd / every block; fp8 storage
 and block offload of the frozen weights (LoRA only); the encoders off the GPU; 8-bit AdamW (when AdamW is chosen);
 activation offload (with checkpointing); the optimizer step in backward (SFT, one process, no accumulation);
+streaming T5 layer by layer while it encodes;
 the distributed strategy (one process: as configured, zero2_offload, zero3_offload; several: also ddp, zero2, fsdp2,
 zero3); batch 1 with gradient accumulation (when batch > 1). It keeps the combinations whose predicted peak fits the
 GPU less HEADROOM and returns the one with the lowest step_cost (then the smallest). The costs are rough figures
@@ -27,7 +28,7 @@ __all__ = ["GiB", "MemoryPlan", "Proposal", "Switches", "plan_memory", "propose_
 # state per checkpointed block each way; the optimizer step in backward does the same work in another order (the
 # tiny cost only ranks it after the configurations that fit without it).
 COSTS = {"checkpointing": 0.30, "fp8_weights": 0.08, "block_offload": 0.40, "adamw8bit": 0.01, "micro_batch": 0.10,
-         "activation_offload": 0.10, "optimizer_in_backward": 0.005}
+         "activation_offload": 0.10, "optimizer_in_backward": 0.005, "stream_text_encoder": 0.001}
 STRATEGY_COST = {"auto": 1.0, "ddp": 1.0, "zero2": 1.05, "fsdp2": 1.15, "zero3": 1.15, "zero2_offload": 1.6,
                  "zero3_offload": 2.2}
 
@@ -52,6 +53,7 @@ def step_cost(s: Switches, layers: int) -> float:
     cost *= (1 + COSTS["adamw8bit"]) if s.optimizer == "adamw8bit" else 1
     cost *= (1 + COSTS["activation_offload"]) if s.activation_offload and s.gradient_checkpointing else 1
     cost *= (1 + COSTS["optimizer_in_backward"]) if s.optimizer_in_backward else 1
+    cost *= (1 + COSTS["stream_text_encoder"]) if s.stream_text_encoder else 1  # slower encoding, once
     return cost * ((1 + COSTS["micro_batch"]) if s.batch_size == 1 and s.accumulation > 1 else 1)
 
 
@@ -68,14 +70,15 @@ def candidate_switches(cfg: TrainConfig, current: Switches, world: int) -> list[
     flags = [False] if sft else [False, True]
     in_bwd = [current.optimizer_in_backward] + ([True] if sft and world == 1 else [])
     out = []
-    for (gc, k), fp8, off, enc, opt, strat, (b, a), act, ib in product(
+    for (gc, k), fp8, off, enc, opt, strat, (b, a), act, ib, st5 in product(
             ckpt, flags, flags, [current.offload_encoders, True], opts, strategies, batches,
-            [current.activation_offload, True], in_bwd):
+            [current.activation_offload, True], in_bwd, [current.stream_text_encoder, True]):
         if ib and (strat != "auto" or a > 1):
             continue
         out.append(replace(current, gradient_checkpointing=gc, checkpointing_every=k, fp8_weights=fp8,
                            block_offload=off, offload_encoders=enc, optimizer=opt, strategy=strat, batch_size=b,
-                           accumulation=a, activation_offload=act and gc, optimizer_in_backward=ib))
+                           accumulation=a, activation_offload=act and gc, optimizer_in_backward=ib,
+                           stream_text_encoder=st5))
     return list(dict.fromkeys(out))
 
 

@@ -63,7 +63,8 @@ def format_proposal(plan: MemoryPlan) -> str:
     head = f"GPU {budget:g} GiB (plan to {budget * (1 - HEADROOM):.1f} GiB, {HEADROOM:.0%} kept for fragmentation): "
     switches = " ".join(p.overrides) or "(as configured)"
     if not p.fits and p.note:
-        return head + f"{p.note}: encode on a larger GPU first (`cogtune data cache`, same config), then train here with:\n  {switches}"
+        return (head + f"{p.note}: encode on a larger GPU first (`cogtune data cache`, same config), then train "
+                       f"here with:\n  {switches}")
     if not p.fits:
         return (head + f"nothing fits; the smallest is {p.total / GiB:.1f} GiB with\n  {switches}\n  "
                 "→ fewer frames, a smaller size, more GPUs (--world-size with zero3 or fsdp2), or a larger GPU")

@@ -53,6 +53,9 @@ PROCESS_HOST = 3 * GiB  # python + torch + CUDA libraries, per process
 VAE_ENCODE = 2.5 * GiB  # VAE encode workspace per clip with tiling (×4 without); rough
 VAE_DECODE = 4.0 * GiB  # validation decode workspace with tiling (×4 without); rough
 DS_BUCKET = 5e8  # DeepSpeed reduce_bucket_size default (elements)
+# streamed T5-XXL (leaf-level offloading): the 32128 × 4096 embedding, shared by the input and the relative bias
+# lookups, stays on the GPU while in use; one feed-forward leaf (4096 × 10240) computes while the next arrives
+T5_STREAMED = 32128 * 4096 + 2 * 4096 * 10240
 T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
           "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
 UNITS = {"fwd_lora": 6.0, "fwd_sft": 1.0, "fwd_ckpt": 10.0, "bwd": 8.0, "norm32": 2.0, "out_lora": 1.5, "out_sft": 3.5}
@@ -168,6 +171,7 @@ class Switches:
     accumulation: int = 1
     activation_offload: bool = False
     optimizer_in_backward: bool = False
+    stream_text_encoder: bool = False
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "Switches":
@@ -176,13 +180,14 @@ class Switches:
                    bool(getattr(m, "fp8_weights", False)), bool(getattr(m, "block_offload", False)),
                    bool(getattr(m, "offload_encoders", True)), str(getattr(cfg.optimizer, "name", "adamw")),
                    cfg.distributed.strategy, cfg.batch_size, cfg.gradient_accumulation_steps,
-                   bool(getattr(m, "activation_offload", False)), bool(getattr(m, "optimizer_in_backward", False)))
+                   bool(getattr(m, "activation_offload", False)), bool(getattr(m, "optimizer_in_backward", False)),
+                   bool(getattr(m, "stream_text_encoder", False)))
 
     def overrides(self, base: "Switches") -> list[str]:
         """key=value pairs that turn `base` into these switches."""
         keys = {k: f"memory.{k}" for k in ("gradient_checkpointing", "checkpointing_every", "fp8_weights",
                                             "block_offload", "offload_encoders", "activation_offload",
-                                            "optimizer_in_backward")}
+                                            "optimizer_in_backward", "stream_text_encoder")}
         keys |= {"optimizer": "optimizer.name", "strategy": "distributed.strategy", "batch_size": "batch_size",
                  "accumulation": "gradient_accumulation_steps"}
         changed = {k for k in keys if getattr(self, k) != getattr(base, k)}
@@ -397,7 +402,8 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
         # before training the encoders visit the GPU one at a time: T5 for the captions, then the VAE for the clips
         # (its workspace only matters while clips still need encoding)
         "encoding": {**{p: 0.0 for p in PARTS}, "context": ctx,
-                     **max([{"encoders": e * st.t5_params, "workspace": 0.0},
+                     **max([{"encoders": e * (T5_STREAMED if s.stream_text_encoder else st.t5_params),
+                             "workspace": 0.0},
                             {"encoders": e * st.vae_params, "workspace": VAE_ENCODE * tiles}],
                            key=lambda m: m["encoders"] + m["workspace"])},
     }
@@ -415,7 +421,8 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
                "block_saved": per_block, "checkpointed_blocks": n_ckpt, "activations_offloaded": offloaded}
     plan = MemoryPlan(name, cfg.method, world, device, tokens, s, phases, train_host, details, notes, gpu_memory)
     if plan.phase == "encoding":
-        notes.append(f"encoding (T5, then the VAE, in {'fp32' if e == 4 else 'bf16'} on the GPU) is the peak; training alone peaks at "
+        notes.append(f"encoding (T5, then the VAE, in {'fp32' if e == 4 else 'bf16'} on the GPU) is the peak; "
+                     f"training alone peaks at "
                      f"{plan.training_peak[1] / GiB:.1f} GiB ({plan.training_peak[0]})")
     if gpu_memory is not None and propose:
         from . import propose_switches

@@ -198,7 +198,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     spec = load_spec(cfg.model.path, cfg.model.variant, {"transformer": frozen, "text_encoder": enc, "vae": enc})
     spec.check_size(cfg.data.frames, cfg.data.height, cfg.data.width)
     spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
-    spec.encoders_to(device, enc)
+    spec.encoders_to(device, enc, stream_text=cfg.memory.stream_text_encoder)
     data = prepare_data(spec, cfg, accelerator)
     validator = make_validator(spec, cfg)
 
