@@ -11,7 +11,8 @@ pipelines shape them (latents [B, F, C, h, w] padded for patch_size_t, 226 text 
 `CogVideoXSpec.rotary_embeddings`, ofs for 1.5-I2V), MSE loss in fp32, clipping, AdamW, zero_grad(set_to_none).
 Switches, joined with '+', applied by cogtune's own code (cogtune.train.memory): ckpt (every block; ckptK: every
 K-th), actoff (with ckpt: checkpointed blocks' inputs wait on the host), fp8 (layerwise casting, float8_e4m3fn storage,
-bf16 compute), adamw8bit (bitsandbytes; skipped if it does not import), inbwd (optimizer step in backward, no clipping).
+bf16 compute), adamw8bit (bitsandbytes; skipped if it does not import), inbwd (optimizer step in backward, no clipping),
+boff (LoRA: frozen block weights on the host, copied in per block).
 
 Each configuration runs in a fresh process. On CUDA it reports torch.cuda.max_memory_allocated/reserved over the
 timed steps; on CPU, the peak of live tensor bytes (a dispatch-mode tracker: the CPU analog of max_memory_allocated)
@@ -139,12 +140,14 @@ def _every(switches: set[str]) -> int | None:
 
 def apply_switches(model, switches: set[str]) -> None:
     """cogtune's own switch code (cogtune.train.memory), as `cogtune train` applies it."""
-    from cogtune.train.memory import every_kth_checkpointing, fp8_storage
+    from cogtune.train.memory import block_offload, every_kth_checkpointing, fp8_storage
 
-    if "fp8" in switches:
-        fp8_storage(model, torch.bfloat16)
     if _every(switches):
         every_kth_checkpointing(model, _every(switches), offload="actoff" in switches)
+    if "fp8" in switches:
+        fp8_storage(model, torch.bfloat16)
+    if "boff" in switches:
+        block_offload(model, next(model.parameters()).device)
 
 
 def make_inputs(args, tcfg: dict, device: torch.device) -> dict:
@@ -199,7 +202,7 @@ def predict(args, tcfg: dict, vae: dict, switches: set[str], device: torch.devic
         cfg = load_config(None, base=tree)
         sw = Switches(gradient_checkpointing=bool(_every(switches)), checkpointing_every=_every(switches) or 1,
                       fp8_weights="fp8" in switches, optimizer="adamw8bit" if "adamw8bit" in switches else "adamw",
-                      batch_size=args.batch, activation_offload="actoff" in switches,
+                      batch_size=args.batch, activation_offload="actoff" in switches, block_offload="boff" in switches,
                       optimizer_in_backward="inbwd" in switches)
         plan = plan_memory(cfg, world_size=1, device=device.type, switches=sw, propose=False)
         return plan.training_peak[1] - plan.parts["context"]

@@ -123,7 +123,7 @@ class MemoryConfig(_Section):
     # clipping (optimizer.max_grad_norm: null); step time unchanged
     optimizer_in_backward: bool = False
     fp8_weights: bool = False  # frozen base Linear weights stored as float8_e4m3fn, computed in the training dtype
-    block_offload: bool = False  # frozen transformer blocks live on the CPU and are streamed in block by block
+    block_offload: bool = False  # frozen weights of each block live on the host, copied in for its forward (LoRA)
     vae_slicing: bool = True
     vae_tiling: bool = True
     offload_encoders: bool = True  # move the text encoder and VAE off the accelerator once the clips are encoded

@@ -19,9 +19,9 @@ Outside the blocks 1.5 units (LoRA) / 3.5 (SFT). Transients, from live-tensor pe
 
 Weights: frozen ones in the compute dtype (fp8_weights: 1 byte for Linear weights outside *norm* and patch_embed);
 trainable ones, their gradients and torch AdamW's foreach scratch (CUDA) in fp32; optimizer states OPTIMIZER_BYTES.
-Autocast caches a bf16 copy of each fp32 trainable weight through the forward (SFT). Layerwise casting and group
-offloading swap `param.data` per layer, but the `weight.t()` view a frozen linear saves for backward keeps the
-compute-dtype (on-loaded) copy alive: fp8 storage and block offload save memory in checkpointed blocks only.
+Autocast caches a bf16 copy of each fp32 trainable weight through the forward (SFT). Layerwise casting and block
+offload swap `param.data` per layer or block, but what a frozen linear saves for backward keeps the compute-dtype
+(on-loaded) copy alive: fp8 storage and block offload save memory in checkpointed blocks only.
 Strategies: DDP doubles the gradients (buckets). DeepSpeed holds the module in bf16, fp32 master/gradient/optimizer
 shards (ZeRO-2; ZeRO-3 shards the bf16 module too and gathers two blocks) and a reduce bucket; *_offload puts the
 shards on the host. FSDP2 shards everything and gathers two blocks.

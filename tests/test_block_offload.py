@@ -1,0 +1,74 @@
+"""memory.block_offload: frozen block weights point at host copies outside their block's forward, the adapters
+never move, and the gradients are those of the resident model (with and without checkpointing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import CogVideoXTransformer3DModel
+
+from cogtune.train.lora import add_lora
+from cogtune.train.memory import block_offload, every_kth_checkpointing
+
+
+def _model(tiny_model):
+    torch.manual_seed(0)
+    model = CogVideoXTransformer3DModel.from_pretrained(str(tiny_model("cogvideox-5b") / "transformer"))
+    add_lora(model, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"], 0.0)
+    with torch.no_grad():  # give the zero-initialised B matrices values, so every adapter gets a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model.train()
+
+
+def _inputs(model):
+    c = model.config
+    gen = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(1, 3, c.in_channels, 4, 6, generator=gen),
+                encoder_hidden_states=torch.randn(1, 8, c.text_embed_dim, generator=gen),
+                timestep=torch.tensor([500]), return_dict=False)
+
+
+def _grads(model, check=None):
+    out = model(**_inputs(model))[0]
+    if check:
+        check()
+    out.square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_equal_the_resident_model(tiny_model, checkpointing):
+    plain, offloaded = _model(tiny_model), _model(tiny_model)
+    if checkpointing:
+        every_kth_checkpointing(plain, 1)
+        every_kth_checkpointing(offloaded, 1)
+    adapters = {n: p for n, p in offloaded.named_parameters() if p.requires_grad}
+    before = {n: p.data_ptr() for n, p in offloaded.named_parameters()}
+    assert block_offload(offloaded, torch.device("cpu")) == len(offloaded.transformer_blocks)
+    # the offloaded parameters now point at host copies: every frozen Linear weight and bias of every block
+    host = {n: p.data for n, p in offloaded.named_parameters() if p.data_ptr() != before[n]}
+    linears = {f"{n}.{k}" for n, m in offloaded.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.startswith("transformer_blocks.") for k, p in m.named_parameters(recurse=False)
+               if not p.requires_grad}
+    assert host.keys() == linears and len(linears) > 0
+
+    def on_device() -> set[str]:  # the blocks whose frozen weights do not point at their host copies
+        return {n.split(".")[1] for n, p in offloaded.named_parameters() if n in host
+                and p.data.data_ptr() != host[n].data_ptr()}
+
+    def after_forward():
+        assert on_device() == set()
+        if not checkpointing:  # backward must use what the forward saw, never read the host copies: poison them
+            for name in host:
+                host[name].fill_(float("nan"))
+
+    want, got = _grads(plain), _grads(offloaded, after_forward)
+    assert want.keys() == got.keys() and len(want) > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    # a checkpoint's recompute stops before the block's forward ends: the first block may still be resident, no other
+    assert on_device() <= ({"0"} if checkpointing else set())
+    assert len(offloaded.transformer_blocks) > 1
+    assert all(p is adapters[n] and p.grad is not None for n, p in offloaded.named_parameters() if p.requires_grad)
