@@ -110,9 +110,10 @@ class SFTConfig(_Section):
 
 
 class MemoryConfig(_Section):
-    # Speed cost of each switch (measured or typical; see BENCHMARKS.md): gradient checkpointing +25-35% step time
-    # (scaled by the share of blocks checkpointed), fp8 weight storage +5-10%, block offload +20-60% (PCIe bound),
-    # 8-bit AdamW ~0%, encoder offload 0% once the cache is built.
+    # Speed cost of each switch (typical figures until BENCHMARKS.md has GPU rows): gradient checkpointing +25-35%
+    # step time (scaled by the share of blocks checkpointed), fp8 weight storage +5-10%, block offload +10-40% (PCIe
+    # bound, no prefetch), activation offload +5-15%, 8-bit AdamW ~0%, optimizer in backward ~0%, encoder offload,
+    # bf16 encoders and T5 streaming 0% once the cache is built.
     gradient_checkpointing: bool = False
     checkpointing_every: int = Field(1, ge=1)  # with gradient_checkpointing: checkpoint blocks 0, k, 2k, ...
     # with gradient_checkpointing: the inputs each checkpointed block keeps for backward wait in host RAM instead
