@@ -153,6 +153,18 @@ def test_optimizer_in_backward_never_holds_all_gradients():
     assert not any(s.optimizer_in_backward for s in candidate_switches(cfg, Switches(), 8))
 
 
+def test_switches_the_trainer_refuses_are_noted():
+    plan = plan_memory(cfg_for(method="sft", memory__optimizer_in_backward=True, distributed__strategy="zero2"),
+                       world_size=2)
+    assert any("refuses" in n and "optimizer_in_backward" in n for n in plan.notes)
+    assert any("refuses" in n for n in plan_memory(cfg_for(memory__activation_offload=True)).notes)
+    assert any("refuses" in n for n in plan_memory(cfg_for(method="sft", memory__optimizer_in_backward=True)).notes)
+    assert not any("refuses" in n for n in plan_memory(cfg_for(method="sft", memory__optimizer_in_backward=True,
+                                                               optimizer__max_grad_norm="null")).notes)
+    assert not any("refuses" in n for n in plan_memory(cfg_for(memory__gradient_checkpointing=True,
+                                                               memory__activation_offload=True)).notes)
+
+
 def test_encoders_visit_the_gpu_one_at_a_time_in_bf16():
     t5 = plan_memory(cfg_for()).phase_parts["encoding"]["encoders"]
     fp32 = plan_memory(cfg_for(memory__encoder_dtype="fp32")).phase_parts["encoding"]["encoders"]

@@ -318,6 +318,12 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
     notes: list[str] = []
     if sft and (s.fp8_weights or s.block_offload):
         notes.append("fp8_weights/block_offload apply to frozen weights: no effect on full SFT")
+    if s.activation_offload and not s.gradient_checkpointing:
+        notes.append("activation_offload needs gradient_checkpointing: cogtune train refuses this config")
+    clipping = switches is None and cfg.optimizer.max_grad_norm  # proposals set max_grad_norm: null themselves
+    if s.optimizer_in_backward and (world > 1 or s.strategy != "auto" or s.accumulation > 1 or clipping):
+        notes.append("optimizer_in_backward runs on one process, without accumulation or clipping (max_grad_norm: "
+                     "null): cogtune train refuses this config")
     fp8, offload = s.fp8_weights and not sft, s.block_offload and not sft
     tokens, batch, L = _tokens(cfg, st), s.batch_size, st.layers
     n_ckpt = math.ceil(L / s.checkpointing_every) if s.gradient_checkpointing else 0
