@@ -55,6 +55,10 @@ def cogtune(*args, nproc: int = 1, timeout: int = 300, script: list[str] | None 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def tiny_base(config: Path) -> str:
+    return yaml.safe_load(config.read_text())["model"]["path"]
+
+
 def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(out / "logs" / "metrics.jsonl") if "loss" in r}
 
@@ -78,7 +82,9 @@ def reference(config, tmp_path_factory, method: str) -> dict[int, float]:
 @pytest.mark.parametrize("strategy,method", [("ddp", "lora"), ("zero2", "sft"), ("zero3", "sft"), ("fsdp2", "sft")])
 def test_two_processes_match_one(config, tmp_path, tmp_path_factory, strategy, method):
     ref = reference(config, tmp_path_factory, method)
-    proc = cogtune(config, f"method={method}", f"distributed.strategy={strategy}", f"output_dir={tmp_path}", nproc=2)
+    extra = ["checkpoint.every_steps=3"] if strategy == "fsdp2" else []  # a sharded checkpoint of the final weights
+    proc = cogtune(config, f"method={method}", f"distributed.strategy={strategy}", f"output_dir={tmp_path}", *extra,
+                   nproc=2)
     assert_ok(proc)
     got = losses(tmp_path)
     assert sorted(got) == [1, 2, 3] == sorted(ref)
@@ -93,6 +99,13 @@ def test_two_processes_match_one(config, tmp_path, tmp_path_factory, strategy, m
                                                            subfolder="transformer")
         changed = [n for (n, p), (_, q) in zip(model.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
         assert len(changed) > 0.5 * len(list(base.parameters())), "the exported weights are not the trained ones"
+        if strategy == "fsdp2":  # `cogtune convert fsdp` of the step-3 checkpoint gives the step-3 export, exactly
+            from cogtune.export.fsdp import convert_fsdp
+
+            convert_fsdp(tmp_path / "checkpoint-3", tmp_path / "converted", tiny_base(config), quiet=True)
+            converted = CogVideoXTransformer3DModel.from_pretrained(str(tmp_path / "converted"))
+            for (name, p), (_, q) in zip(converted.state_dict().items(), model.state_dict().items()):
+                assert torch.equal(p, q), name
     else:
         assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
 

@@ -121,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     lora_formats.register_cli(sub)
     merge.register_cli(sub)
     sat.register_cli(sub)
-    from .export import zero
+    from .export import fsdp, zero
 
-    zero.register_cli(lora_formats.cli_group(sub, "convert", "convert foreign checkpoints to diffusers"))
+    convert = lora_formats.cli_group(sub, "convert", "convert foreign checkpoints to diffusers")
+    zero.register_cli(convert)
+    fsdp.register_cli(convert)
 
     from .infer import generate, webui
 
