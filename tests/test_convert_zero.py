@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from cogtune.errors import CogtuneError
 from cogtune.export.shards import TensorSpec
-from cogtune.export.zero import _name_prefix, convert_zero, load_checkpoint_file, register_cli
+from cogtune.export.to_diffusers import name_prefix as _name_prefix
+from cogtune.export.zero import convert_zero, load_checkpoint_file, register_cli
 
 slow_multiproc = [pytest.mark.slow, pytest.mark.multiproc]
 

@@ -17,7 +17,6 @@ DeepSpeed need not be installed: its few pickled classes load through weights-on
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import math
 import pickle
@@ -30,13 +29,12 @@ from typing import Any
 import torch
 
 from cogtune.errors import CogtuneError
-from cogtune.export.shards import (CONFIG_NAME, ShardWriter, TensorSpec, model_specs, resolve_dtype, shape_problems,
-                                   staged_folder, target_dtype, verify_transformer_folder)
+from cogtune.export.to_diffusers import (add_convert_arguments, base_transformer, check_fits, name_prefix, refuse_lora,
+                                         write_transformer)
 
 log = logging.getLogger(__name__)
 
 _OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-_LORA_MARKERS = ("lora_A", "lora_B", ".base_layer.", "lora_embedding")
 TRUST_NOTE = "DeepSpeed checkpoints are Python pickles: only convert checkpoints from sources you trust."
 
 
@@ -289,43 +287,6 @@ def _model_state_pieces(layout: ZeroLayout) -> Iterator[Piece]:
             yield name, 0, fragments[name].reshape(-1)
 
 
-# --- the base model -------------------------------------------------------------------------------------------------
-
-def base_transformer(base_model_dir: str | Path) -> tuple[Path, dict[str, TensorSpec]]:
-    """(config.json path, {key: shape/dtype} of the model it builds) of a pipeline or transformer folder."""
-    base = Path(base_model_dir)
-    config_path = next((p for p in (base / "transformer" / CONFIG_NAME, base / CONFIG_NAME) if p.is_file()), None)
-    if config_path is None:
-        raise CogtuneError(f"no transformer/{CONFIG_NAME} or {CONFIG_NAME} in {base}: pass --base a diffusers "
-                           "CogVideoX pipeline folder or its transformer/ folder")
-    try:
-        return config_path, model_specs(json.loads(config_path.read_text()))
-    except CogtuneError as e:
-        raise CogtuneError(f"{config_path}: {e}") from None
-
-
-def _name_prefix(names: list[str], expected: dict[str, TensorSpec]) -> str:
-    """The wrapper prefix ('module.', '_orig_mod.', 'transformer.', ...) to strip from checkpoint names, or ''."""
-    for name in names:
-        if name in expected:
-            return ""
-        for key in expected:
-            if name.endswith("." + key):
-                prefix = name[:-len(key)]
-                if all(n.startswith(prefix) for n in names):
-                    return prefix
-    return ""
-
-
-def _check_fits(ckpt: dict[str, tuple[int, ...]], expected: dict[str, TensorSpec], where: Path, base: Path) -> None:
-    problems = shape_problems(ckpt, {k: s.shape for k, s in expected.items()}, "checkpoint", "base")
-    if problems:
-        hint = "pass --base the model this checkpoint was trained from"
-        if len(problems) == 1 and "keys missing" in problems[0]:
-            hint += " (or it was saved without its frozen weights: exclude_frozen_parameters)"
-        raise CogtuneError(f"checkpoint {where} does not fit the base model {base}: {'; '.join(problems)}; {hint}")
-
-
 # --- the converter --------------------------------------------------------------------------------------------------
 
 def convert_zero(checkpoint_dir: str | Path, out_dir: str | Path, base_model_dir: str | Path,
@@ -338,46 +299,29 @@ def convert_zero(checkpoint_dir: str | Path, out_dir: str | Path, base_model_dir
     the result must have exactly the base model's keys and shapes. Returns `out_dir`.
     DeepSpeed checkpoints are Python pickles: only convert checkpoints from sources you trust.
     """
-    to = resolve_dtype(dtype) or torch.float32
     layout = read_layout(locate_tag_folder(checkpoint_dir))
     config_path, expected = base_transformer(base_model_dir)
     shapes = layout.shapes()
-    lora = next((n for n in shapes if any(m in n for m in _LORA_MARKERS)), None)
-    if lora is not None:
-        raise CogtuneError(f"{layout.folder} is a LoRA training checkpoint ({lora}): convert zero exports full "
-                           "fine-tunes; export the LoRA adapter instead")
-    prefix = _name_prefix(list(shapes), expected)
+    refuse_lora(shapes, layout.folder, "convert zero")
+    prefix = name_prefix(list(shapes), expected)
     targets = {n: [n[len(prefix):]] for n in shapes}  # checkpoint name -> output keys it is written to
     for alias, src in layout.shared.items():
         if src in targets:
             targets[src].append(targets.pop(alias)[0])
-    _check_fits({n[len(prefix):]: s for n, s in shapes.items()}, expected, layout.folder, config_path.parent)
-
-    specs = {k: TensorSpec(spec.shape, target_dtype(spec.dtype, to)) for k, spec in expected.items()}
+    check_fits({n[len(prefix):]: s for n, s in shapes.items()}, expected, layout.folder, config_path.parent)
     pieces = _zero12_pieces(layout) if layout.stage < 3 else _zero3_pieces(layout)
-    with staged_folder(out_dir, overwrite) as tmp:
-        (tmp / CONFIG_NAME).write_bytes(config_path.read_bytes())
-        with ShardWriter(tmp, specs, max_shard_size) as writer:
-            for stream in (_model_state_pieces(layout), pieces):
-                for name, start, values in stream:
-                    for key in targets[name]:
-                        writer.write(key, values, start)
-        verify_transformer_folder(tmp, {k: s.shape for k, s in expected.items()})
-        files = sorted(p.name for p in tmp.iterdir())
-    if not quiet:
-        params = sum(s.numel for s in specs.values())
-        print(f"converted ZeRO-{layout.stage} checkpoint {layout.folder} ({layout.world} ranks) -> {out_dir}: "
-              f"{len(specs)} tensors, {params:,} parameters, {str(to).removeprefix('torch.')}; files:",
-              *files, sep="\n  ")
-    return Path(out_dir)
+
+    def fill(writer) -> None:
+        for stream in (_model_state_pieces(layout), pieces):
+            for name, start, values in stream:
+                for key in targets[name]:
+                    writer.write(key, values, start)
+
+    what = None if quiet else f"ZeRO-{layout.stage} checkpoint {layout.folder} ({layout.world} ranks)"
+    return write_transformer(out_dir, config_path, expected, dtype, max_shard_size, overwrite, fill, what)
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
-
-def _cmd_convert_zero(args) -> None:
-    convert_zero(args.checkpoint, args.out, args.base, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                 overwrite=args.overwrite)
-
 
 def register_cli(convert_subparsers) -> None:
     """Add `zero` to the `cogtune convert` subcommands."""
@@ -387,13 +331,5 @@ def register_cli(convert_subparsers) -> None:
                     "and write them as a diffusers transformer folder (config.json + safetensors, sharded past "
                     "--max-shard-size) that CogVideoXTransformer3DModel.from_pretrained and the pipelines load. "
                     + TRUST_NOTE)
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="folder with 'latest' + the tag folder (DeepSpeed's global_stepN/, accelerate's "
-                        "checkpoint-N/ with pytorch_model/), or the tag folder itself")
-    p.add_argument("out", metavar="OUT", help="output transformer folder (must be new or empty)")
-    p.add_argument("--base", required=True, metavar="MODEL_DIR",
-                   help="the model trained from: pipeline folder or its transformer/ folder (config and shapes)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="output dtype (default fp32)")
-    p.add_argument("--max-shard-size", default="5GB", help="split the weights into files of at most this (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (atomically)")
-    p.set_defaults(func=_cmd_convert_zero)
+    add_convert_arguments(p, "folder with 'latest' + the tag folder (DeepSpeed's global_stepN/, accelerate's "
+                             "checkpoint-N/ with pytorch_model/), or the tag folder itself", convert_zero)
