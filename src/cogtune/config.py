@@ -136,6 +136,12 @@ class MemoryConfig(_Section):
     # the next layer): encoding needs ~0.5 GB there instead of 9.5 GB, for slower encoding, once (then cached)
     stream_text_encoder: bool = False
 
+    def resolved_encoder_dtype(self, mixed_precision: str, cuda: bool, bf16_supported: bool = True) -> str:
+        """encoder_dtype with auto decided: the one rule the trainer and the planner share."""
+        if self.encoder_dtype != "auto":
+            return self.encoder_dtype
+        return "bf16" if cuda and mixed_precision != "no" and bf16_supported else "fp32"
+
 
 class ValidationConfig(_Section):
     every_steps: int = Field(0, ge=0)  # 0 = only before and after training

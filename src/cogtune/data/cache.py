@@ -232,7 +232,7 @@ class LatentCache:
             key = self.video_key(item)
         except OSError as e:
             raise CacheError(f"{item.describe()}: cannot read the source ({_first_line(e)})") from None
-        return self._read(self._path("videos", key), key, item.describe())
+        return self.load_video_key(key, item.describe())
 
     def load_video_key(self, key: str, what: str = "clip") -> dict[str, torch.Tensor]:
         """`load` for a key resolved earlier with `video_key` (saves a stat of the source per read)."""

@@ -297,11 +297,8 @@ def block_saved_bytes(cfg: TrainConfig, st: ModelStats, inside: set[str], c: int
 
 
 def encoder_bytes(cfg: TrainConfig, cuda: bool) -> int:
-    """Bytes per encoder parameter on the device: the rule of cogtune.train.memory.encoder_dtype."""
-    choice = getattr(cfg.memory, "encoder_dtype", "auto")
-    if choice == "auto":
-        choice = "bf16" if cuda and cfg.mixed_precision != "no" else "fp32"
-    return 2 if choice == "bf16" else 4
+    """Bytes per encoder parameter on the device (a CUDA GPU is assumed to support bf16)."""
+    return 2 if cfg.memory.resolved_encoder_dtype(cfg.mixed_precision, cuda) == "bf16" else 4
 
 
 def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float | None = None, *,

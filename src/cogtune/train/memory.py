@@ -17,10 +17,8 @@ FP8_SKIP = ("patch_embed", "norm", "lora_", "proj_out", "pos_embedding", "time_e
 def encoder_dtype(cfg, device: torch.device) -> torch.dtype:
     """The dtype T5 and the VAE encode in (memory.encoder_dtype; auto: bf16 on a bf16-capable CUDA device with mixed
     precision; T5 overflows in fp16, so an fp16 run still encodes in bf16)."""
-    choice = cfg.memory.encoder_dtype
-    if choice == "auto":
-        choice = "bf16" if device.type == "cuda" and cfg.mixed_precision != "no" and torch.cuda.is_bf16_supported() \
-            else "fp32"
+    cuda = device.type == "cuda"
+    choice = cfg.memory.resolved_encoder_dtype(cfg.mixed_precision, cuda, cuda and torch.cuda.is_bf16_supported())
     return torch.bfloat16 if choice == "bf16" else torch.float32
 
 
@@ -40,18 +38,29 @@ def every_kth_checkpointing(transformer, k: int, offload: bool = False) -> None:
     transformer._gradient_checkpointing_func = maybe_checkpoint
 
 
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of `t`: pinned and written asynchronously from CUDA; a clone on the CPU (so the offload logic
+    runs the same there, saving nothing)."""
+    t = t.detach()
+    if t.device.type == "cuda":
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+    return t.clone()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A device copy of host tensor `t` (queued on the compute stream from pinned memory; a clone on the CPU)."""
+    return t.to(device, non_blocking=True) if device.type == "cuda" else t.clone()
+
+
 def offloaded_checkpoint(block, *args):
     """A non-reentrant checkpoint whose recompute reads the block's tensor inputs from host copies.
 
     torch's checkpoint holds its inputs by reference until backward. Here the inputs reach the checkpointed
     function through a holder that gives them up after the first call, so once the forward moves on only the host
     copies remain (the gradient still flows through the autograd graph of the first call, which the recompute only
-    refills). The copies go to pinned memory asynchronously on CUDA; on the CPU they are clones (no saving there,
-    the switch only makes sense with an accelerator)."""
+    refills). The copies are `to_host`'s."""
     device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
-    pinned = device.type == "cuda"
-    host = [a.detach().to("cpu", non_blocking=True) if isinstance(a, torch.Tensor) and pinned
-            else a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+    host = [to_host(a) if isinstance(a, torch.Tensor) else a for a in args]
     wants_grad = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
     holder = [args]
 
@@ -59,7 +68,7 @@ def offloaded_checkpoint(block, *args):
         if holder:
             return block(*holder.pop())
         # the recompute must save what the first call saved, which depends on which inputs required grad
-        return block(*(a.to(device, non_blocking=True).requires_grad_(g) if isinstance(a, torch.Tensor) else a
+        return block(*(to_device(a, device).requires_grad_(g) if isinstance(a, torch.Tensor) else a
                        for a, g in zip(host, wants_grad)))
 
     return checkpoint(run, use_reentrant=False)
@@ -76,14 +85,14 @@ def fp8_storage(transformer, compute_dtype: torch.dtype) -> None:
 
 
 def block_offload(transformer, device: torch.device) -> int:
-    """The frozen Linear weights of each transformer block live in (pinned) host memory; a forward pre-hook copies them to
-    `device` and a forward hook points the parameters back at the host copy. Trainable parameters (LoRA) never
+    """The frozen Linear weights of each transformer block live in (pinned) host memory; a forward pre-hook copies
+    them to `device` and a forward hook points the parameters back at the host copy. Trainable parameters (LoRA) never
     move, so their gradients and optimizer state stay where they are. A checkpointed block's recompute in backward
     runs the same hooks, so its weights come back for its backward; autograd's saved views keep a block's device
     copy alive only until that block's backward. A checkpoint's recompute stops before the block's forward ends (so
     its forward hook does not run): each onload first sends back whichever block is still resident. The copies run
-    on the compute stream (no prefetch): PCIe time is added to the step. On the CPU the "device copy" is a clone: it
-    saves nothing there. Returns the number of blocks hooked."""
+    on the compute stream (no prefetch): PCIe time is added to the step. Copies are `to_host`/`to_device`'s (clones
+    on the CPU, which saves nothing there). Returns the number of blocks hooked."""
     if device.type != "cuda":
         log.warning("memory.block_offload saves accelerator memory only; on %s it just copies", device.type)
     resident: list = []  # the (frozen, host) pair of the block whose weights are on the device now, if any
@@ -97,7 +106,7 @@ def block_offload(transformer, device: torch.device) -> int:
         def hook(module, args):
             offload()
             for p, h in zip(frozen, host):
-                p.data = h.to(device, non_blocking=True) if device.type == "cuda" else h.clone()
+                p.data = to_device(h, device)
             resident.append((frozen, host))
         return hook
 
@@ -109,7 +118,7 @@ def block_offload(transformer, device: torch.device) -> int:
                   if not p.requires_grad]
         if not frozen:
             continue
-        host = [p.data.to("cpu").pin_memory() if device.type == "cuda" else p.data.to("cpu").clone() for p in frozen]
+        host = [to_host(p.data) for p in frozen]
         for p, h in zip(frozen, host):
             p.data = h
         block.register_forward_pre_hook(onload(frozen, host))
