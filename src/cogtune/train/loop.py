@@ -13,6 +13,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -95,10 +96,10 @@ def prepare_model(spec, cfg: TrainConfig, device) -> list[torch.nn.Parameter]:
     if m.fp8_weights:
         if cfg.method != "lora":
             raise CogtuneError("memory.fp8_weights stores frozen weights in fp8: it needs method: lora")
-        fp8_storage(transformer, WEIGHT_DTYPES[cfg.mixed_precision] if cfg.mixed_precision != "no" else torch.float32)
+        fp8_storage(transformer, WEIGHT_DTYPES[cfg.mixed_precision])
     if m.block_offload:
         block_offload(transformer, device)
-    keep = not cfg.memory.offload_encoders
+    keep = not m.offload_encoders
     spec.encoders_for_training(text=keep, vae=keep or (spec.variant.i2v and cfg.i2v.image_noise))
     return [p for p in transformer.parameters() if p.requires_grad]
 
@@ -154,17 +155,17 @@ def prefetched(sampler, load, in_ram=lambda: False):
     with ThreadPoolExecutor(1, thread_name_prefix="cogtune-prefetch") as pool:
         batches = iter(sampler)
 
-        def draw():
+        def draw():  # -> (state, a call that returns the batch), or None at the end of the epoch
             indices = next(batches, None)
             if indices is None:
                 return None
-            return sampler.state_dict(), (indices if in_ram() else pool.submit(load, indices))
+            return sampler.state_dict(), (partial(load, indices) if in_ram() else pool.submit(load, indices).result)
 
         pending = draw()
         while pending is not None:
-            state, ahead = pending
+            state, batch = pending
             pending = draw()
-            yield state, load(ahead) if isinstance(ahead, list) else ahead.result()
+            yield state, batch()
 
 
 def any_rank(accelerator, flag: bool) -> bool:
