@@ -12,7 +12,8 @@ pipelines shape them (latents [B, F, C, h, w] padded for patch_size_t, 226 text 
 Switches, joined with '+', applied by cogtune's own code (cogtune.train.memory): ckpt (every block; ckptK: every
 K-th), actoff (with ckpt: checkpointed blocks' inputs wait on the host), fp8 (layerwise casting, float8_e4m3fn storage,
 bf16 compute), adamw8bit (bitsandbytes; skipped if it does not import), inbwd (optimizer step in backward, no clipping),
-boff (LoRA: frozen block weights on the host, copied in per block).
+boff (LoRA: frozen block weights on the host, copied in per block, the next block prefetched on a side stream;
+boffsync: the same copied on the compute stream, no prefetch, to see what prefetch hides).
 
 Each configuration runs in a fresh process. On CUDA it reports torch.cuda.max_memory_allocated/reserved over the
 timed steps; on CPU, the peak of live tensor bytes (a dispatch-mode tracker: the CPU analog of max_memory_allocated)
@@ -140,14 +141,15 @@ def _every(switches: set[str]) -> int | None:
 
 def apply_switches(model, switches: set[str]) -> None:
     """cogtune's own switch code (cogtune.train.memory), as `cogtune train` applies it."""
-    from cogtune.train.memory import block_offload, every_kth_checkpointing, fp8_storage
+    from cogtune.train.block_offload import block_offload
+    from cogtune.train.memory import every_kth_checkpointing, fp8_storage
 
     if _every(switches):
         every_kth_checkpointing(model, _every(switches), offload="actoff" in switches)
     if "fp8" in switches:
         fp8_storage(model, torch.bfloat16)
-    if "boff" in switches:
-        block_offload(model, next(model.parameters()).device)
+    if switches & {"boff", "boffsync"}:
+        block_offload(model, next(model.parameters()).device, prefetch="boffsync" not in switches)
 
 
 def make_inputs(args, tcfg: dict, device: torch.device) -> dict:
@@ -202,7 +204,7 @@ def predict(args, tcfg: dict, vae: dict, switches: set[str], device: torch.devic
         cfg = load_config(None, base=tree)
         sw = Switches(gradient_checkpointing=bool(_every(switches)), checkpointing_every=_every(switches) or 1,
                       fp8_weights="fp8" in switches, optimizer="adamw8bit" if "adamw8bit" in switches else "adamw",
-                      batch_size=args.batch, activation_offload="actoff" in switches, block_offload="boff" in switches,
+                      batch_size=args.batch, activation_offload="actoff" in switches, block_offload=bool(switches & {"boff", "boffsync"}),
                       optimizer_in_backward="inbwd" in switches)
         plan = plan_memory(cfg, world_size=1, device=device.type, switches=sw, propose=False)
         return plan.training_peak[1] - plan.parts["context"]

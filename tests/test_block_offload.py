@@ -1,5 +1,6 @@
 """memory.block_offload: frozen block weights point at host copies outside their block's forward, the adapters
-never move, and the gradients are those of the resident model (with and without checkpointing)."""
+never move, the gradients are those of the resident model (with and without checkpointing), and once a step's order
+has been seen every block finds its weights prefetched, with never more than two blocks' copies held."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 
 from cogtune.train.lora import add_lora
-from cogtune.train.memory import block_offload, every_kth_checkpointing
+from cogtune.train.block_offload import block_offload
+from cogtune.train.memory import every_kth_checkpointing
 
 
-def _model(tiny_model):
+def _model(tiny_model, device="cpu"):
     torch.manual_seed(0)
     model = CogVideoXTransformer3DModel.from_pretrained(str(tiny_model("cogvideox-5b") / "transformer"))
     add_lora(model, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"], 0.0)
@@ -19,15 +21,15 @@ def _model(tiny_model):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    return model.train()
+    return model.to(device).train()
 
 
 def _inputs(model):
-    c = model.config
+    c, device = model.config, next(model.parameters()).device
     gen = torch.Generator().manual_seed(1)
-    return dict(hidden_states=torch.randn(1, 3, c.in_channels, 4, 6, generator=gen),
-                encoder_hidden_states=torch.randn(1, 8, c.text_embed_dim, generator=gen),
-                timestep=torch.tensor([500]), return_dict=False)
+    return dict(hidden_states=torch.randn(1, 3, c.in_channels, 4, 6, generator=gen).to(device),
+                encoder_hidden_states=torch.randn(1, 8, c.text_embed_dim, generator=gen).to(device),
+                timestep=torch.tensor([500], device=device), return_dict=False)
 
 
 def _grads(model, check=None):
@@ -35,7 +37,9 @@ def _grads(model, check=None):
     if check:
         check()
     out.square().mean().backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -46,7 +50,7 @@ def test_gradients_equal_the_resident_model(tiny_model, checkpointing):
         every_kth_checkpointing(offloaded, 1)
     adapters = {n: p for n, p in offloaded.named_parameters() if p.requires_grad}
     before = {n: p.data_ptr() for n, p in offloaded.named_parameters()}
-    assert block_offload(offloaded, torch.device("cpu")) == len(offloaded.transformer_blocks)
+    assert len(block_offload(offloaded, torch.device("cpu")).blocks) == len(offloaded.transformer_blocks)
     # the offloaded parameters now point at host copies: every frozen Linear weight and bias of every block
     host = {n: p.data for n, p in offloaded.named_parameters() if p.data_ptr() != before[n]}
     linears = {f"{n}.{k}" for n, m in offloaded.named_modules() if isinstance(m, torch.nn.Linear)
@@ -71,4 +75,40 @@ def test_gradients_equal_the_resident_model(tiny_model, checkpointing):
     # a checkpoint's recompute stops before the block's forward ends: the first block may still be resident, no other
     assert on_device() <= ({"0"} if checkpointing else set())
     assert len(offloaded.transformer_blocks) > 1
-    assert all(p is adapters[n] and p.grad is not None for n, p in offloaded.named_parameters() if p.requires_grad)
+    assert all(p is adapters[n] for n, p in offloaded.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the side-stream copies need CUDA"))])
+@pytest.mark.parametrize("every", [None, 1, 2])
+def test_prefetch_serves_every_onload_once_the_order_is_known(tiny_model, device, every):
+    plain, offloaded = _model(tiny_model, device), _model(tiny_model, device)
+    if every:
+        every_kth_checkpointing(plain, every)
+        every_kth_checkpointing(offloaded, every)
+    hooks = block_offload(offloaded, torch.device(device))
+    blocks = len(hooks.blocks)
+    held = []
+    for block in offloaded.transformer_blocks:  # runs after block_offload's own pre-hook
+        block.register_forward_pre_hook(lambda module, args: held.append(len(hooks.on_device())))
+    # onloads per step: every block's forward, and the recompute of each checkpointed block
+    onloads = blocks + (len(range(0, blocks, every)) if every else 0)
+    want = _grads(plain)
+    for step in range(4):
+        before = hooks.sync_copies + hooks.ready
+        got = _grads(offloaded)
+        assert hooks.sync_copies + hooks.ready - before == onloads
+        for name in want:  # prefetched weights are the right block's: the gradients stay bit-equal
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=f"step {step}: {name}")
+        if step == 1:
+            copies = hooks.sync_copies
+    assert hooks.sync_copies == copies  # steps 2 and 3: no onload had to wait for a copy
+    assert held and max(held) <= 2
+
+
+def test_without_prefetch_every_onload_copies(tiny_model):
+    model = _model(tiny_model)
+    hooks = block_offload(model, torch.device("cpu"), prefetch=False)
+    for _ in range(3):
+        _grads(model)
+    assert hooks.ready == 0 and hooks.sync_copies == 3 * len(hooks.blocks)

@@ -26,10 +26,11 @@ from ..config import TrainConfig
 from ..data.buckets import BucketBatchSampler
 from ..errors import CogtuneError
 from ..models import load_spec, resolve_variant
+from .block_offload import block_offload
 from .checkpoint import install_trainable_only_hooks, load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import is_sharded, make_accelerator
 from .encode import collate, prepare_data
-from .memory import (block_offload, check_optimizer_in_backward, encoder_dtype, every_kth_checkpointing, fp8_storage,
+from .memory import (check_optimizer_in_backward, encoder_dtype, every_kth_checkpointing, fp8_storage,
                      make_optimizer)
 from .metrics import MetricsLog
 from .outputs import save_outputs

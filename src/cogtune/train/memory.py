@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import logging
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import CogtuneError
 
-log = logging.getLogger("cogtune")
 FP8_SKIP = ("patch_embed", "norm", "lora_", "proj_out", "pos_embedding", "time_embedding", "ofs_embedding")
 
 
@@ -82,49 +80,6 @@ def fp8_storage(transformer, compute_dtype: torch.dtype) -> None:
 
     apply_layerwise_casting(transformer, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
                             skip_modules_pattern=FP8_SKIP)
-
-
-def block_offload(transformer, device: torch.device) -> int:
-    """The frozen Linear weights of each transformer block live in (pinned) host memory; a forward pre-hook copies
-    them to `device` and a forward hook points the parameters back at the host copy. Trainable parameters (LoRA) never
-    move, so their gradients and optimizer state stay where they are. A checkpointed block's recompute in backward
-    runs the same hooks, so its weights come back for its backward; autograd's saved views keep a block's device
-    copy alive only until that block's backward. A checkpoint's recompute stops before the block's forward ends (so
-    its forward hook does not run): each onload first sends back whichever block is still resident. The copies run
-    on the compute stream (no prefetch): PCIe time is added to the step. Copies are `to_host`/`to_device`'s (clones
-    on the CPU, which saves nothing there). Returns the number of blocks hooked."""
-    if device.type != "cuda":
-        log.warning("memory.block_offload saves accelerator memory only; on %s it just copies", device.type)
-    resident: list = []  # the (frozen, host) pair of the block whose weights are on the device now, if any
-
-    def offload() -> None:
-        while resident:
-            for p, h in zip(*resident.pop()):
-                p.data = h
-
-    def onload(frozen, host):
-        def hook(module, args):
-            offload()
-            for p, h in zip(frozen, host):
-                p.data = to_device(h, device)
-            resident.append((frozen, host))
-        return hook
-
-    count = 0
-    for block in transformer.transformer_blocks:
-        # Linear weights only: a linear's backward uses the transposed view it saved (the device copy), but a norm's
-        # reads its weight parameter again, which by then points at the host copy. Norms are a small share.
-        frozen = [p for m in block.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)
-                  if not p.requires_grad]
-        if not frozen:
-            continue
-        host = [to_host(p.data) for p in frozen]
-        for p, h in zip(frozen, host):
-            p.data = h
-        block.register_forward_pre_hook(onload(frozen, host))
-        block.register_forward_hook(lambda module, args, output: offload())
-        count += 1
-    return count
 
 
 OPTIMIZERS = {  # name: (module, class, pip package)
