@@ -68,7 +68,7 @@ def bare_steps(cfg, args) -> list[float]:
     batch["prompt_embeds"] = spec.encode_prompts(["a red circle moving left on a white background"])
     transformer = spec.transformer
     add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
-    spec.to(torch.device("cpu"), torch.float32)
+    spec.cast(torch.float32)
     transformer.train()
     params = [p for p in transformer.parameters() if p.requires_grad]
     o = cfg.optimizer

@@ -112,3 +112,54 @@ def test_without_prefetch_every_onload_copies(tiny_model):
     for _ in range(3):
         _grads(model)
     assert hooks.ready == 0 and hooks.sync_copies == 3 * len(hooks.blocks)
+
+
+def test_offloaded_weights_never_visit_the_device(tiny_model):
+    """The trainer offloads before it moves the transformer, and the move sends every weight to the device except
+    the offloaded ones (watched through a TorchFunctionMode that records each tensor `.to(device)` call)."""
+    from torch.overrides import TorchFunctionMode
+
+    from cogtune.models.cogvideox import CogVideoXSpec
+
+    class Moves(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.moved = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.to and any(isinstance(a, torch.device) for a in (*args[1:], *kwargs.values())):
+                self.moved.add(args[0].data_ptr())
+            return func(*args, **kwargs)
+
+    spec = CogVideoXSpec.load(tiny_model("cogvideox-5b"))
+    add_lora(spec.transformer, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"], 0.0)
+    spec.cast(torch.bfloat16)
+    hooks = block_offload(spec.transformer, torch.device("cpu"))
+    kept = {id(p) for p in hooks.host_params()}
+    params = list(spec.transformer.parameters())
+    assert 0 < len(kept) < len(params)
+    with Moves() as watch:
+        spec.to(torch.device("cpu"), keep_on_host=hooks.host_params())
+    for p in params:
+        assert (p.data_ptr() in watch.moved) == (id(p) not in kept)
+    assert all(p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16) for p in params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_peak_while_moving_is_the_resident_weights_only(tiny_model):
+    from cogtune.models.cogvideox import CogVideoXSpec
+
+    spec = CogVideoXSpec.load(tiny_model("cogvideox-5b"))
+    add_lora(spec.transformer, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"], 0.0)
+    spec.cast(torch.bfloat16)
+    hooks = block_offload(spec.transformer, torch.device("cuda"))
+    kept = {id(p) for p in hooks.host_params()}
+    assert all(p.is_pinned() for p in hooks.host_params())
+    resident = sum(p.numel() * p.element_size() for p in spec.transformer.parameters() if id(p) not in kept)
+    resident += sum(b.numel() * b.element_size() for b in spec.transformer.buffers())
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    spec.to(torch.device("cuda"), keep_on_host=hooks.host_params())
+    assert torch.cuda.max_memory_allocated() - base <= resident + 512 * len(list(spec.transformer.parameters()))

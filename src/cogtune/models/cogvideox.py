@@ -293,11 +293,20 @@ class CogVideoXSpec:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def to(self, device, dtype) -> None:
+    def cast(self, dtype) -> None:
         self.compute_dtype = dtype
-        self.transformer.to(device)
         for p in self.transformer.parameters():
             p.data = p.data.to(dtype if not p.requires_grad else torch.float32)
+
+    def to(self, device, keep_on_host=()) -> None:
+        # parameter by parameter, so weights that block offload keeps on the host never visit the device
+        keep = {id(p) for p in keep_on_host}
+        for module in self.transformer.modules():
+            for p in module.parameters(recurse=False):
+                if id(p) not in keep:
+                    p.data = p.data.to(device)
+            for name, b in module.named_buffers(recurse=False):
+                setattr(module, name, b.to(device))
 
     def pipeline(self, transformer=None):
         if transformer is None or transformer is self.transformer:

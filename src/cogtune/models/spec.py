@@ -53,5 +53,8 @@ class ModelSpec(Protocol):
     def pipeline(self, transformer: torch.nn.Module | None = None):
         """The stock diffusers pipeline over this model's components (optionally with another transformer)."""
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Move the frozen components; the transformer's weights go to `dtype` (trainable params stay fp32)."""
+    def cast(self, dtype: torch.dtype) -> None:
+        """The transformer's frozen weights go to `dtype`, its trainable ones to fp32, where they are."""
+
+    def to(self, device: torch.device, keep_on_host=()) -> None:
+        """Move the transformer to `device`, except the parameters in `keep_on_host`."""

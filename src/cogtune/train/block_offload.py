@@ -13,6 +13,12 @@ from .memory import to_device, to_host
 log = logging.getLogger("cogtune")
 
 
+def _host_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A pinned host copy for a CUDA run whether `t` is still on the host (offload before the move: the weights never
+    visit the device) or already on the device; a clone otherwise."""
+    return t.pin_memory() if device.type == "cuda" and t.device.type == "cpu" else to_host(t)
+
+
 class BlockOffload:
     """Forward hooks that swap each block's frozen Linear weights between host copies and device copies.
 
@@ -46,7 +52,7 @@ class BlockOffload:
                       for p in m.parameters(recurse=False) if not p.requires_grad]
             if not frozen:
                 continue
-            host = [to_host(p.data) for p in frozen]
+            host = [_host_copy(p.data, device) for p in frozen]
             for p, h in zip(frozen, host):
                 p.data = h
             index = len(self.blocks)
@@ -55,6 +61,10 @@ class BlockOffload:
             block.register_forward_hook(lambda module, args, output, i=index: self.after_forward(i))
         if device.type == "cuda":  # the host copies were written on the compute stream; the side stream reads them
             torch.cuda.synchronize(device)
+
+    def host_params(self) -> list[torch.nn.Parameter]:
+        """The parameters whose weights live on the host between their block's forwards."""
+        return [p for frozen, _ in self.blocks for p in frozen]
 
     def on_device(self) -> set[int]:
         """The blocks whose device copies these hooks hold (computing or prefetched)."""

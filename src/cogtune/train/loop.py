@@ -85,7 +85,8 @@ def prepare_model(spec, cfg: TrainConfig, device) -> list[torch.nn.Parameter]:
         add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
     else:
         transformer.requires_grad_(True)
-    spec.to(device, WEIGHT_DTYPES[cfg.mixed_precision])
+    dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    spec.cast(dtype)
     m = cfg.memory
     if m.activation_offload and not m.gradient_checkpointing:
         raise CogtuneError("memory.activation_offload moves what checkpointed blocks keep to the host: it needs "
@@ -94,12 +95,13 @@ def prepare_model(spec, cfg: TrainConfig, device) -> list[torch.nn.Parameter]:
         log.warning("memory.activation_offload saves accelerator memory only; on %s it just copies", device.type)
     if m.gradient_checkpointing:
         every_kth_checkpointing(transformer, m.checkpointing_every, offload=m.activation_offload)
+    # fp8 storage and block offload act on the host, so the full-size weights never visit the device
     if m.fp8_weights:
         if cfg.method != "lora":
             raise CogtuneError("memory.fp8_weights stores frozen weights in fp8: it needs method: lora")
-        fp8_storage(transformer, WEIGHT_DTYPES[cfg.mixed_precision])
-    if m.block_offload:
-        block_offload(transformer, device)
+        fp8_storage(transformer, dtype)
+    offload = block_offload(transformer, device) if m.block_offload else None
+    spec.to(device, keep_on_host=offload.host_params() if offload else ())
     keep = not m.offload_encoders
     spec.encoders_for_training(text=keep, vae=keep or (spec.variant.i2v and cfg.i2v.image_noise))
     return [p for p in transformer.parameters() if p.requires_grad]
