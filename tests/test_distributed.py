@@ -110,6 +110,19 @@ def test_two_processes_match_one(config, tmp_path, tmp_path_factory, strategy, m
         assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_one_process_without_a_launcher(config, tmp_path, tmp_path_factory):
+    """`cogtune train` alone (no torchrun, no RANK/WORLD_SIZE) runs a DeepSpeed strategy as a group of one: the
+    single-GPU SFT case of ZeRO-2 with optimizer offload. Same global batch as the reference, so the same losses."""
+    ref = reference(config, tmp_path_factory, "sft")
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} & os.environ.keys()
+    proc = cogtune(config, "method=sft", "gradient_accumulation_steps=2", "distributed.strategy=zero2_offload",
+                   f"output_dir={tmp_path}")
+    assert_ok(proc)
+    got = losses(tmp_path)
+    assert sorted(got) == sorted(ref) and all(got[s] == pytest.approx(ref[s], rel=1e-4) for s in ref), (got, ref)
+    assert (tmp_path / "transformer" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("strategy,nproc", [("auto", 1), ("zero2", 2), ("fsdp2", 2)])
 def test_exact_resume(config, tmp_path, strategy, nproc):
     method = "lora" if nproc == 1 else "sft"

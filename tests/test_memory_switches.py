@@ -79,3 +79,18 @@ def test_missing_optimizer_package_is_one_line(tiny_model, synth_data, tmp_path,
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # what an uninstalled package looks like to import
     with pytest.raises(CogtuneError, match="pip install prodigyopt"):
         _run(tiny_model, synth_data, tmp_path, optimizer__name="prodigy")
+
+
+@pytest.mark.parametrize("switches,match", [
+    ({"method": "sft", "memory__fp8_weights": True}, "fp8_weights .* needs method: lora"),
+    ({"method": "sft", "memory__block_offload": True}, "block_offload .* needs method: lora"),
+    ({"memory__activation_offload": True}, "needs memory.gradient_checkpointing"),
+])
+def test_impossible_switches_are_refused_before_caching(tiny_model, synth_data, tmp_path, switches, match):
+    from cogtune.errors import CogtuneError
+
+    cfg = tiny_train_config(tiny_model("cogvideox-5b"), synth_data, tmp_path / "run", data__cache_dir=tmp_path / "c",
+                            **switches)
+    with pytest.raises(CogtuneError, match=match) as info:
+        train(cfg)
+    assert "\n" not in str(info.value) and not (tmp_path / "c").exists()

@@ -46,13 +46,12 @@ def _cmd_data_cache(args) -> None:
 
 def _launch_torchrun(args) -> None:
     """`cogtune train --nproc N`: re-run this command under torchrun on this node (N processes)."""
-    import socket
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", f"--master_port={port}",
+    from .train.distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+           f"--master_port={free_port()}",
            "-m", "cogtune", *(["--debug"] if args.debug else []), "train", args.config, *args.overrides]
     code = subprocess.call(cmd)
     if code:

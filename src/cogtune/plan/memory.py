@@ -314,7 +314,8 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
     n = 4 if (cuda and c < 4) else c  # LayerNorm output bytes: CUDA autocast runs layer_norm in fp32
     notes: list[str] = []
     if sft and (s.fp8_weights or s.block_offload):
-        notes.append("fp8_weights/block_offload apply to frozen weights: no effect on full SFT")
+        notes.append("fp8_weights/block_offload apply to frozen weights, which SFT has none of: cogtune train "
+                     "refuses this config")
     if s.activation_offload and not s.gradient_checkpointing:
         notes.append("activation_offload needs gradient_checkpointing: cogtune train refuses this config")
     clipping = switches is None and cfg.optimizer.max_grad_norm  # proposals set max_grad_norm: null themselves

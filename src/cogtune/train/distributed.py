@@ -21,6 +21,22 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_group_env() -> None:
+    """DeepSpeed and FSDP want a process group even for one process. Without a launcher, describe the group torchrun
+    would make (rank 0 of 1 on a free local port), so a plain `cogtune train` runs, say, ZeRO offload on one GPU."""
+    if not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} & os.environ.keys():
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+
+
 def deepspeed_config(cfg) -> dict:
     """A complete DeepSpeed config; batch sizes are explicit because accelerate under torchrun on CPU would
     otherwise size train_batch_size for one process and fail DeepSpeed's consistency check."""
@@ -84,6 +100,8 @@ def make_accelerator(cfg) -> Accelerator:
 
     strategy = cfg.distributed.strategy
     on_cpu = not torch.cuda.is_available()
+    if strategy in DEEPSPEED or strategy == "fsdp2":
+        single_process_group_env()
     # cpu=True without CUDA: only then does accelerate see torchrun's ranks as MULTI_CPU (gloo). DeepSpeed must not
     # get it: accelerate would drop the plugin.
     kwargs = dict(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,

@@ -30,7 +30,7 @@ from .block_offload import block_offload
 from .checkpoint import install_trainable_only_hooks, load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import is_sharded, make_accelerator
 from .encode import collate, prepare_data
-from .memory import (check_optimizer_in_backward, encoder_dtype, every_kth_checkpointing, fp8_storage,
+from .memory import (check_switches, encoder_dtype, every_kth_checkpointing, fp8_storage,
                      make_optimizer)
 from .metrics import MetricsLog
 from .outputs import save_outputs
@@ -88,17 +88,12 @@ def prepare_model(spec, cfg: TrainConfig, device) -> list[torch.nn.Parameter]:
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     spec.cast(dtype)
     m = cfg.memory
-    if m.activation_offload and not m.gradient_checkpointing:
-        raise CogtuneError("memory.activation_offload moves what checkpointed blocks keep to the host: it needs "
-                           "memory.gradient_checkpointing: true")
     if m.activation_offload and device.type != "cuda":
         log.warning("memory.activation_offload saves accelerator memory only; on %s it just copies", device.type)
     if m.gradient_checkpointing:
         every_kth_checkpointing(transformer, m.checkpointing_every, offload=m.activation_offload)
     # fp8 storage and block offload act on the host, so the full-size weights never visit the device
     if m.fp8_weights:
-        if cfg.method != "lora":
-            raise CogtuneError("memory.fp8_weights stores frozen weights in fp8: it needs method: lora")
         fp8_storage(transformer, dtype)
     offload = block_offload(transformer, device) if m.block_offload else None
     spec.to(device, keep_on_host=offload.host_params() if offload else ())
@@ -189,6 +184,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     set_seed(cfg.seed)
     main, device, world, rank = (accelerator.is_main_process, accelerator.device, accelerator.num_processes,
                                  accelerator.process_index)
+    check_switches(cfg, world)
     out = Path(cfg.output_dir)
     run_config = cfg.model_dump(mode="json") | {"world_size": world}
     resume_from = resolve_resume(cfg.resume, out)  # before anything is written: a bad path fails fast
@@ -209,8 +205,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     params = prepare_model(spec, cfg, device)
     transformer = spec.transformer
     o, in_backward = cfg.optimizer, cfg.memory.optimizer_in_backward
-    if in_backward:
-        check_optimizer_in_backward(cfg, world)
     optimizer = make_optimizer(params, o, in_backward)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor
     lr_scheduler = get_scheduler(cfg.lr_scheduler.name, optimizer, num_warmup_steps=cfg.lr_scheduler.warmup_steps * world,

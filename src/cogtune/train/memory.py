@@ -125,7 +125,18 @@ def _step_and_free(opt: torch.optim.Optimizer) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def check_optimizer_in_backward(cfg, world: int) -> None:
+def check_switches(cfg, world: int) -> None:
+    """Refuse switch combinations that cannot work, before anything is loaded or cached."""
+    m, lora = cfg.memory, cfg.method == "lora"
+    if m.activation_offload and not m.gradient_checkpointing:
+        raise CogtuneError("memory.activation_offload moves what checkpointed blocks keep to the host: it needs "
+                           "memory.gradient_checkpointing: true")
+    for name, what in (("fp8_weights", "stores frozen weights in fp8"), ("block_offload", "keeps frozen weights on "
+                                                                                          "the host")):
+        if getattr(m, name) and not lora:
+            raise CogtuneError(f"memory.{name} {what}; method: sft trains every weight, so it needs method: lora")
+    if not m.optimizer_in_backward:
+        return
     why = [("several processes (gradients must be reduced first)", world > 1 or cfg.distributed.strategy != "auto"),
            ("gradient_accumulation_steps > 1", cfg.gradient_accumulation_steps > 1),
            ("optimizer.max_grad_norm (clipping needs all gradients; set it to null)", cfg.optimizer.max_grad_norm),
