@@ -23,11 +23,12 @@ from .memory import HEADROOM, GiB, MemoryPlan, Switches, model_stats, plan_memor
 __all__ = ["GiB", "MemoryPlan", "Proposal", "Switches", "plan_memory", "propose_switches", "step_cost"]
 
 # Relative step time of each switch (multiplied together). Checkpointing re-runs the forward of the checkpointed
-# blocks (~1/3 of a step); fp8 casts every layer twice per step; block offload waits on PCIe (20-60%);
+# blocks (~1/3 of a step); fp8 casts every layer twice per step; block offload's copies are prefetched, but
+# what compute does not hide waits on PCIe (an estimate, not yet measured: little at 480p, more at small sizes);
 # 8-bit Adam is a fused kernel; ZeRO offload runs the optimizer on the CPU; activation offload copies one hidden
 # state per checkpointed block each way; the optimizer step in backward does the same work in another order (the
 # tiny cost only ranks it after the configurations that fit without it).
-COSTS = {"checkpointing": 0.30, "fp8_weights": 0.08, "block_offload": 0.40, "adamw8bit": 0.01, "micro_batch": 0.10,
+COSTS = {"checkpointing": 0.30, "fp8_weights": 0.08, "block_offload": 0.25, "adamw8bit": 0.01, "micro_batch": 0.10,
          "activation_offload": 0.10, "optimizer_in_backward": 0.005, "stream_text_encoder": 0.001}
 STRATEGY_COST = {"auto": 1.0, "ddp": 1.0, "zero2": 1.05, "fsdp2": 1.15, "zero3": 1.15, "zero2_offload": 1.6,
                  "zero3_offload": 2.2}
