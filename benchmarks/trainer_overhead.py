@@ -39,7 +39,7 @@ def run_config(model: Path, data: Path, out: Path, args):
             "data": {"root": str(data), "frames": size["frames"], "height": size["height"], "width": size["width"],
                      "num_workers": 0},
             "lora": {"rank": 16, "alpha": 16}, "optimizer": {"lr": 1e-3}, "batch_size": 1, "log_every": 1,
-            "validation": {"heldout_loss": False}, "checkpoint": {"every_steps": 0}}
+            "validation": {"heldout_loss": False}, "checkpoint": {"every_steps": 0}, "overwrite": True}
     return load_config(None, base=tree)
 
 

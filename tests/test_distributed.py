@@ -197,6 +197,26 @@ def test_resume_errors_are_one_line(config, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "lora.rank" in err
 
 
+def test_a_fresh_run_never_mixes_with_an_earlier_one(config, tmp_path, capsys):
+    """Without resume, an output_dir holding an earlier run is refused (a later resume: latest would continue the
+    earlier run's newest checkpoint); overwrite=true deletes that run first."""
+    from cogtune.cli import main
+    from cogtune.train.checkpoint import checkpoints
+
+    out = f"output_dir={tmp_path}"
+    assert main(["train", str(config), "max_steps=4", "checkpoint.every_steps=2", out]) == 0
+    lora = (tmp_path / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", str(config), "max_steps=2", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "resume=latest" in err and "overwrite=true" in err
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == lora
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    assert main(["train", str(config), "max_steps=2", "checkpoint.every_steps=2", "overwrite=true", out]) == 0
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert sorted(losses(tmp_path)) == [1, 2]
+
+
 def _poison_one_clip(cache_root: Path) -> str:
     """Make one cached clip's latents non-finite; returns the clip's source path as stored in the entry."""
     from safetensors import safe_open

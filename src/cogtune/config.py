@@ -196,6 +196,7 @@ class TrainConfig(_Section):
     distributed: DistributedConfig = DistributedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     resume: str | None = None  # latest (error if none), auto (latest or fresh), or a checkpoint-N path
+    overwrite: bool = False  # a fresh run into an output_dir that holds a previous one deletes that run's files first
     on_nonfinite: Literal["stop", "skip_step"] = "stop"
 
 

@@ -36,6 +36,27 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+RUN_FILES = ("config.yaml", "logs", "lora", "transformer", "pipeline", "validation")  # not "cache": hours of encoding
+
+
+def previous_run(out: Path) -> list[Path]:
+    """What an earlier run left in `out`: its checkpoints (complete or not) and outputs."""
+    out = Path(out)
+    stale = [p for p in out.glob("*checkpoint-*") if re.fullmatch(r"\.?checkpoint-\d+(\.tmp)?", p.name)]
+    return sorted(stale) + [out / name for name in RUN_FILES if (out / name).exists()]
+
+
+def check_fresh_output(out: Path, overwrite: bool) -> list[Path]:
+    """A run that does not resume must not mix with an earlier one in the same folder (a later `resume: latest`
+    would pick up the earlier run's newest checkpoint). Returns what `overwrite` allows deleting."""
+    left = previous_run(out)
+    if left and not overwrite:
+        names = ", ".join(p.name for p in left[:4]) + (", ..." if len(left) > 4 else "")
+        raise CogtuneError(f"output_dir {out} holds an earlier run ({names}); continue it with resume=latest, "
+                           f"start over with overwrite=true (deletes those), or choose another output_dir")
+    return left
+
+
 def resolve_resume(resume: str | None, out: Path) -> Path | None:
     if resume is None:
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,8 @@ from ..data.buckets import BucketBatchSampler
 from ..errors import CogtuneError
 from ..models import load_spec, resolve_variant
 from .block_offload import block_offload
-from .checkpoint import install_trainable_only_hooks, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import (check_fresh_output, install_trainable_only_hooks, load_checkpoint, resolve_resume,
+                         save_checkpoint)
 from .distributed import is_sharded, make_accelerator
 from .encode import collate, prepare_data
 from .memory import (check_switches, encoder_dtype, every_kth_checkpointing, fp8_storage,
@@ -188,7 +190,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.output_dir)
     run_config = cfg.model_dump(mode="json") | {"world_size": world}
     resume_from = resolve_resume(cfg.resume, out)  # before anything is written: a bad path fails fast
+    stale = check_fresh_output(out, cfg.overwrite) if cfg.resume is None else []
+    accelerator.wait_for_everyone()  # every rank has looked before the main one changes anything
     if main:
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
 
