@@ -263,3 +263,42 @@ def test_fingerprint_files(tmp_path, tiny_model) -> None:
         f.seek(10)
         f.write(b"x")
     assert fingerprint_files([big]) != before
+
+
+def test_cache_folder_that_is_a_file_is_one_clear_error(data, tmp_path, spec) -> None:
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(CacheError, match=r"cannot create the cache folder .*cache.*data\.cache_dir"):
+        build(make_cache(tmp_path / "cache", spec), dataset_items(data), spec)
+
+
+def test_a_clip_that_fails_to_decode_is_reported_once_in_plain_words(data, tmp_path, spec, caplog) -> None:
+    """Its header promises 40 frames but the file was cut short: planning accepts it, decoding fails."""
+    from cogtune.errors import CogtuneError
+    from cogtune.train.encode import prepare_data
+    from conftest import tiny_train_config
+
+    def gone(item: CacheItem) -> torch.Tensor:
+        raise CogtuneError(f"{item.video} decodes to 3 frames")
+
+    first = data / "videos" / "clip_000.mp4"
+    report, _, _, _ = build(make_cache(tmp_path / "c1", spec), [CacheItem(first, "x", SIZE)], spec, loader=gone)
+    assert report.failed == [(str(first), f"{first} decodes to 3 frames")]
+
+    cut = data / "videos" / "cut.mp4"
+    with av.open(str(cut), "w", format="mp4", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for img in np.random.default_rng(0).integers(0, 256, (40, 64, 96, 3), dtype=np.uint8):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode())
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 2 // 3])
+    with open(data / "videos.txt", "a") as f:
+        f.write("videos/cut.mp4\n")
+    with open(data / "prompts.txt", "a") as f:
+        f.write("a clip cut short\n")
+    cfg = tiny_train_config(spec.model_path, data, tmp_path / "run")
+    with caplog.at_level("WARNING", logger="cogtune"):
+        prepared = prepare_data(spec, cfg, progress=False)
+    assert len(prepared.dataset) == 6 and [s.split(":")[0] for s in prepared.skipped] == ["videos/cut.mp4"]
+    assert [r.levelname for r in caplog.records if "cut.mp4" in r.getMessage()] == ["WARNING"]  # once, not twice
+    assert "Error:" not in prepared.skipped[0]  # the user's words, no exception class name

@@ -44,6 +44,19 @@ def _cmd_data_cache(args) -> None:
               f"{data.report.summary()}")
 
 
+def _model_facts(model_cfg):
+    """(fps, allowed frame counts) of a config's model for `data check`, or None if the model can't tell."""
+    from .errors import CogtuneError
+    from .models import resolve_variant
+    from .models.variants import get_variant
+
+    try:
+        v = get_variant(model_cfg.variant) if model_cfg.variant else resolve_variant(model_cfg.path)
+    except CogtuneError:
+        return None
+    return v.fps, v.allowed_frames()
+
+
 def _launch_torchrun(args) -> None:
     """`cogtune train --nproc N`: re-run this command under torchrun on this node (N processes)."""
     import subprocess
@@ -104,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_data_cache)
     from .data import check
 
-    check.register_cli(d)
+    check.register_cli(d, model_facts=_model_facts)
 
     tr = sub.add_parser("train", help="train from a YAML config; key=value pairs override it")
     tr.add_argument("config")

@@ -151,7 +151,10 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first line of an error; the class name too, unless it is a CogtuneError (written for users as it is)."""
     text = str(e).strip()
+    if text and isinstance(e, CogtuneError):
+        return text.splitlines()[0]
     return f"{e.__class__.__name__}: {text.splitlines()[0]}" if text else e.__class__.__name__
 
 
@@ -267,13 +270,26 @@ class LatentCache:
         meta = {"cogtune.cache": str(FORMAT), "cogtune.key": key, "cogtune.kind": kind, "cogtune.source": source,
                 "cogtune.fingerprint": _canonical(recipe)}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        try:
+            _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        except OSError as e:  # a full disk or a read-only folder: every later entry would fail the same way
+            raise CacheError(f"cannot write cache entry {path}: {e.strerror or e}; free disk space or point "
+                             "the cache (data.cache_dir) at a writable folder") from e
 
     def build(self, items: Sequence[CacheItem], load_video: Callable[[CacheItem], torch.Tensor],
               encode_video: Callable[[torch.Tensor], dict[str, torch.Tensor]],
               encode_prompt: Callable[[list[str]], torch.Tensor], rank: int = 0, world_size: int = 1,
               progress: bool = True, prompt_batch_size: int = 8, retry_failed: bool = False) -> CacheReport:
-        """build_prompts then build_videos; see those."""
+        """build_prompts then build_videos; see those. Raises CacheError if the cache folder can't be written."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            writable = os.access(self.root, os.W_OK)
+        except OSError as e:
+            raise CacheError(f"cannot create the cache folder {self.root}: {e.strerror or e}; point the cache "
+                             "(data.cache_dir) at a folder you can write to") from e
+        if not writable:
+            raise CacheError(f"cannot write to the cache folder {self.root}; point the cache (data.cache_dir) "
+                             "at a folder you can write to")
         captions = [it.caption for it in items]
         return self.build_prompts(captions, encode_prompt, rank, world_size, progress, prompt_batch_size).merge(
             self.build_videos(items, load_video, encode_video, rank, world_size, progress, retry_failed))
@@ -376,7 +392,7 @@ class LatentCache:
         except Exception as e:
             reason = f"encoding failed: {_first_line(e)}" if loaded else _first_line(e)
             report.failed.append((item.describe(), reason))
-            log.warning("skipping %s: %s", item.describe(), reason)
+            log.info("skipping %s: %s", item.describe(), reason)  # callers report `failed` to the user
             if not loaded:  # a bad clip stays bad: remember it (an encoder failure may be transient: retry)
                 record = json.dumps({"source": item.describe(), "reason": reason}) + "\n"
                 _atomic_write(failure, lambda tmp: tmp.write_text(record, encoding="utf-8"))

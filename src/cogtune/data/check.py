@@ -24,11 +24,12 @@ import numpy as np
 
 from cogtune.data.frames import SAMPLING_MODES, SHORT_POLICIES, WINDOWS, FramePlan, plan_frames
 from cogtune.data.sources import Sample, read_dataset
+from cogtune.data.video import av_error_text, load_image
 from cogtune.errors import CogtuneError
 
-UNUSABLE = {"missing", "missing-image", "no-caption", "empty-caption", "caption-encoding", "bad-time", "bad-row",
-            "list-mismatch", "empty", "unreadable", "audio-only", "no-video", "zero-frames", "truncated", "corrupt",
-            "too-short", "too-slow", "unknown-fps"}
+UNUSABLE = {"missing", "missing-image", "bad-image", "no-caption", "empty-caption", "caption-encoding", "bad-time",
+            "bad-row", "list-mismatch", "empty", "unreadable", "audio-only", "no-video", "zero-frames", "truncated",
+            "corrupt", "too-short", "too-slow", "unknown-fps"}
 NORMAL_PIX_FMTS = ("yuv420p", "yuvj420p")
 _VFR_TOLERANCE = 0.1  # packet spacing may vary this much (relative) before a stream counts as variable rate
 
@@ -83,7 +84,7 @@ def inspect_video(path: Path, decode: bool = False) -> tuple[dict[str, Any], lis
             return facts, ["unreadable: the file is empty (0 bytes); re-copy or remove it"]
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError, ValueError) as e:
-        return facts, [f"unreadable: not a video container cogtune can open ({_first_line(e)}); "
+        return facts, [f"unreadable: not a video container cogtune can open ({av_error_text(e)}); "
                        "re-encode it (ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4) or remove it"]
     problems: list[str] = []
     with container:
@@ -104,7 +105,8 @@ def inspect_video(path: Path, decode: bool = False) -> tuple[dict[str, Any], lis
                     if packet.pts is not None:
                         pts.append(packet.pts)
         except av.error.FFmpegError as e:
-            problems.append(f"corrupt: reading packets failed after {count} frames ({_first_line(e)}); re-encode it")
+            problems.append(f"corrupt: reading packets failed after {count} frames ({av_error_text(e)}); "
+                            "re-encode it")
         header = stream.frames
         facts["frames"] = count
         tb = float(stream.time_base) if stream.time_base else 0.0
@@ -149,7 +151,7 @@ def _decode_problems(path: Path, count: int, decode: bool, rotate: str | None) -
                     break
     except av.error.FFmpegError as e:
         if decode or decoded == 0:
-            problems.append(f"corrupt: decoding failed after {decoded} of {count} frames ({_first_line(e)}); "
+            problems.append(f"corrupt: decoding failed after {decoded} of {count} frames ({av_error_text(e)}); "
                             "re-encode it or remove it")
     else:
         if decode and 0 < count and decoded < count:
@@ -171,14 +173,14 @@ def _file_hash(path: Path) -> str:
 
 
 def _check_one(sample: Sample, settings: dict[str, Any], decode: bool, seed: int) -> ClipReport:
-    report = ClipReport(sample.listed or str(sample.video), ok=False, problems=list(sample.problems),
+    report = ClipReport(sample.listed or sample.where or str(sample.video), ok=False, problems=list(sample.problems),
                         video=str(sample.video))
     if sample.listed and sample.video.is_file():
         try:
             facts, problems = inspect_video(sample.video, decode)
         except Exception as e:  # one odd file must not end the scan of thousands
             facts, problems = {}, [f"unreadable: {e.__class__.__name__}: {_first_line(e)}; re-encode or remove it"]
-        report.problems += problems
+        report.problems += problems + _image_problems(sample)
         for key, value in facts.items():
             setattr(report, key, value)
         if report.frames:
@@ -188,6 +190,17 @@ def _check_one(sample: Sample, settings: dict[str, Any], decode: bool, seed: int
             else:
                 report.problems.append(plan.reason or "")
     return report
+
+
+def _image_problems(sample: Sample) -> list[str]:
+    """An I2V conditioning image that is there but does not load (training would skip its clip)."""
+    if sample.image is None or not sample.image.is_file():
+        return []  # a missing image is already a sample problem
+    try:
+        load_image(sample.image, 16, 16)
+    except CogtuneError as e:
+        return [f"bad-image: {e}; re-save it as PNG or JPEG"]
+    return []
 
 
 def _plan(total: int, fps: float, sample: Sample, settings: dict[str, Any], rng: np.random.Generator) -> FramePlan:
@@ -298,14 +311,17 @@ def write_json(reports: list[ClipReport], path: str | os.PathLike) -> Path:
 
 
 def _settings_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
-    """Defaults < the config's data section < flags given on the command line."""
+    """Defaults < the config's data section (and what its model implies: `args.model_facts(cfg.model)` gives the
+    model's (fps, allowed frame counts) or None; data/ knows no model) < flags given on the command line."""
     s: dict[str, Any] = dict(frames=49, height=480, width=720, mode="uniform", target_fps=None,
                              short_policy="skip", window="center", allowed=None, frame_buckets=None)
-    root = args.root
+    root, variant = args.root, None
     if args.config:
         from cogtune.config import load_config
 
-        data = load_config(args.config).data
+        cfg = load_config(args.config)
+        model_facts = getattr(args, "model_facts", None)
+        data, variant = cfg.data, model_facts(cfg.model) if model_facts else None
         root = root or data.root
         for key, names in (("frames", ("frames",)), ("height", ("height",)), ("width", ("width",)),
                            ("mode", ("sampling",)), ("target_fps", ("fps", "target_fps")),
@@ -319,20 +335,34 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]
                       ("target_fps", "fps"), ("short_policy", "short"), ("window", "window"), ("allowed", "allowed")):
         if getattr(args, flag) is not None:
             s[key] = getattr(args, flag)
+    if variant is not None:  # as training does: the model's fps, and its frame counts for the smaller policy
+        fps, allowed = variant
+        s["target_fps"] = s["target_fps"] or fps
+        s["allowed"] = s["allowed"] or [f for f in allowed if f <= s["frames"]]
     if root is None:
         raise CogtuneError("data check needs a dataset: give ROOT or --config with data.root")
+    if s["height"] < 1 or s["width"] < 1:
+        raise CogtuneError(f"--height and --width must be positive (got {s['height']}x{s['width']})")
     if s["mode"] == "fps" and not s["target_fps"]:
         raise CogtuneError("--sampling fps needs --fps (e.g. 8 for CogVideoX 1.0, 16 for 1.5)")
+    if s["short_policy"] == "smaller" and not s["allowed"]:
+        raise CogtuneError("--short smaller needs --allowed (the frame counts to fall back to, e.g. 49,33,17)")
     return Path(root), s
 
 
 def run_check(args: argparse.Namespace) -> int:
     """The `data check` command; returns the exit code (1 only with --strict and problems)."""
     root, s = _settings_from_args(args)
+    json_path = Path(args.json) if args.json else None
+    if json_path and json_path.is_dir():  # found before the scan, not after it
+        raise CogtuneError(f"--json {json_path} is a folder; give a file name such as {json_path / 'report.json'}")
     reports = check_dataset(root, decode=args.decode, workers=args.workers, seed=args.seed, **s)
     print(format_table(reports))
-    if args.json:
-        print(f"wrote {write_json(reports, args.json)}")
+    if json_path:
+        try:
+            print(f"wrote {write_json(reports, json_path)}")
+        except OSError as e:
+            raise CogtuneError(f"cannot write --json {json_path}: {e.strerror or e}; give another path") from e
     return 1 if args.strict and any(not r.ok for r in reports) else 0
 
 
@@ -350,8 +380,9 @@ def _counts(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected frame counts like 49,33,17, got {text!r}") from None
 
 
-def register_cli(data_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `check` to the `cogtune data` subcommands; its handler is set as `func`."""
+def register_cli(data_subparsers: argparse._SubParsersAction, model_facts=None) -> argparse.ArgumentParser:
+    """Add `check` to the `cogtune data` subcommands; its handler is set as `func`. `model_facts(model_cfg)` gives
+    the (fps, allowed frame counts) of a config's model, or None."""
     p = data_subparsers.add_parser("check", help="check every clip of a dataset and report problems",
                                    description=__doc__.split("\n\n")[0])
     p.add_argument("root", nargs="?", help="dataset folder or table file (default: data.root of --config)")
@@ -369,5 +400,5 @@ def register_cli(data_subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--strict", action="store_true", help="exit 1 if any clip has a problem")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=0, help="seed of random windows (span only)")
-    p.set_defaults(func=_cmd_check)
+    p.set_defaults(func=_cmd_check, model_facts=model_facts)
     return p

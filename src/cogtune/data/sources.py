@@ -110,8 +110,12 @@ def read_lines(path: Path) -> list[str]:
 
 
 def _missing(kind: str, file: Path, where: str, relative_to: Path) -> str:
-    return (f"missing: {kind} {file} listed on {where} does not exist; "
-            f"fix the path (relative to {relative_to}) or remove the line")
+    fix = f"fix the path (relative to {relative_to}) or remove the line"
+    if file.is_dir():
+        return f"missing: {kind} {file} listed on {where} is a folder, not a file; {fix}"
+    if "\\" in str(file) and Path(str(file).replace("\\", "/")).is_file():
+        fix = "write / instead of \\ between folders (here \\ is part of the file name)"
+    return f"missing: {kind} {file} listed on {where} does not exist; {fix}"
 
 
 def read_official(root: str | os.PathLike, prompts: str = "prompts.txt", videos: str = "videos.txt",
@@ -184,7 +188,7 @@ def _pick(row: dict[str, Any], names: tuple[str, ...]) -> Any:
     return next((row[n] for n in names if n in row), None)
 
 
-def _table_sample(row: dict[str, Any], where: str, folder: Path, check_exists: bool) -> Sample:
+def _table_sample(row: dict[Any, Any], where: str, folder: Path, check_exists: bool) -> Sample:
     problems: list[str] = []
     rel = _pick(row, VIDEO_COLUMNS)
     rel = "" if rel is None else str(rel).strip()
@@ -207,6 +211,9 @@ def _table_sample(row: dict[str, Any], where: str, folder: Path, check_exists: b
     image = (folder / image_rel).resolve() if image_rel else None
     if image is not None and check_exists and not image.is_file():
         problems.append(_missing("image", image, where, folder).replace("missing:", "missing-image:", 1))
+    if row.get(None):
+        problems.append(f"bad-row: {where} has more values than the header has columns (left over: "
+                        f"{','.join(row[None])!r}); an unquoted comma? put the caption in double quotes")
     start, bad_start = _number(row.get("start"), "start", where)
     end, bad_end = _number(row.get("end"), "end", where)
     problems += [p for p in (bad_start, bad_end) if p]
@@ -225,7 +232,7 @@ def read_table(path: str | os.PathLike, check_exists: bool = True) -> DatasetLis
     # surrogateescape keeps undecodable bytes, so one bad caption marks one row instead of the whole table
     text = raw.decode("utf-8-sig", "surrogateescape")
     listing = DatasetListing([], layout="table", source=path)
-    rows: list[tuple[str, dict[str, Any]]] = []
+    rows: list[tuple[str, dict[Any, Any]]] = []
     if path.suffix.lower() == ".jsonl":
         for n, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
@@ -248,7 +255,7 @@ def read_table(path: str | os.PathLike, check_exists: bool = True) -> DatasetLis
                                f"{', '.join(header) or 'none'}); add it as the first line")
         first_line = reader.line_num + 1
         for row in reader:  # a quoted caption may span lines: name the row by its first line
-            rows.append((f"line {first_line} of {path}", {k: v for k, v in row.items() if k is not None}))
+            rows.append((f"line {first_line} of {path}", row))  # values past the header sit under None
             first_line = reader.line_num + 1
     for where, row in rows:
         listing.samples.append(_table_sample(row, where, path.parent, check_exists))
@@ -266,6 +273,8 @@ def read_captioned_folder(root: str | os.PathLike) -> DatasetListing:
         txt = video.with_suffix(".txt")
         problems: list[str] = []
         caption = ""
+        if not video.is_file():
+            problems.append(f"missing: {video} is a broken link or not a file; fix the link or remove it")
         if not txt.is_file():
             problems.append(f"no-caption: {video} has no caption file {txt.name} beside it; write one (UTF-8)")
         else:

@@ -94,7 +94,10 @@ def write_synth_dataset(root: str | os.PathLike, clips: int = 8, seed: int = 0, 
     if clips < 1:
         raise CogtuneError(f"clips must be at least 1 (got {clips})")
     rng = np.random.default_rng(seed)
-    (root / "videos").mkdir(parents=True, exist_ok=True)
+    try:
+        (root / "videos").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CogtuneError(f"cannot create {root / 'videos'}: {e.strerror or e}; give a folder you can write to") from e
     written: list[tuple[str, str]] = []
     for i in range(clips):
         shape = SHAPES[rng.integers(len(SHAPES))]

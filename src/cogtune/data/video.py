@@ -34,11 +34,17 @@ class VideoInfo:
     codec: str
 
 
+def av_error_text(e: BaseException) -> str:
+    """An FFmpeg or OS error as a short phrase ("Invalid data found when processing input"): no errno, no path."""
+    return getattr(e, "strerror", None) or (str(e).splitlines() or [e.__class__.__name__])[0]
+
+
 def _open(path: PathLike) -> av.container.InputContainer:
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError) as e:
-        raise CogtuneError(f"cannot read video {path}: {e}; check the file exists and is a video") from e
+        why = "the file is empty (0 bytes)" if os.path.isfile(path) and not os.path.getsize(path) else av_error_text(e)
+        raise CogtuneError(f"cannot read video {path}: {why}; check the file exists and is a video") from e
     if not container.streams.video:
         container.close()
         raise CogtuneError(f"{path} has no video stream; list only video files in the dataset")
@@ -54,7 +60,8 @@ def probe(path: PathLike) -> VideoInfo:
             if frames <= 0:  # e.g. webm/mkv store no count: demux (no decode) and count packets
                 frames = sum(1 for p in container.demux(stream) if p.size > 0)
         except av.error.FFmpegError as e:
-            raise CogtuneError(f"cannot read video {path}: {e}; the file may be truncated, re-encode it") from e
+            raise CogtuneError(f"cannot read video {path}: {av_error_text(e)}; the file may be truncated, "
+                              "re-encode it") from e
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else 0.0
         if stream.duration is not None and stream.time_base is not None:
@@ -146,7 +153,8 @@ def _decode(path: PathLike, wanted: set[int], autorotate: bool, seek: bool = Tru
                     break
                 i += 1
         except av.error.FFmpegError as e:
-            raise CogtuneError(f"cannot decode video {path}: {e}; the file may be corrupt, re-encode it") from e
+            raise CogtuneError(f"cannot decode video {path}: {av_error_text(e)}; the file may be corrupt, "
+                              "re-encode it") from e
     return got, seen
 
 
@@ -260,7 +268,7 @@ def load_image(path: PathLike, height: int, width: int, crop: str = "center",
 
     try:
         with Image.open(path) as img:
-            rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+            rgb = np.array(ImageOps.exif_transpose(img).convert("RGB"))  # a writable copy, as torch wants
     except (OSError, UnidentifiedImageError) as e:
         raise CogtuneError(f"{path}: not a readable image ({e})") from None
     x = _resize_crop_tensor(torch.from_numpy(rgb).permute(2, 0, 1)[None].float(), height, width, crop, rng)[0]
