@@ -104,3 +104,22 @@ def test_non_lora_module_and_half_pairs(lora_5b, tmp_path):
     sd = dict(read_lora(path).state_dict)
     del sd["transformer.transformer_blocks.0.attn1.to_q.lora_B.weight"]
     assert "lora_A only" in _error(sd, model)
+
+
+def test_metadata_rank_that_is_not_the_weights_rank(lora_5b, tmp_path):
+    """Metadata r=16 over rank-4 weights: stock diffusers fails with a shape traceback; we name the module."""
+    import json
+
+    from diffusers import CogVideoXPipeline
+
+    model, path = lora_5b
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["lora_adapter_metadata"])
+    config["transformer.r"] = 16
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(path)), str(bad), metadata={**metadata, "lora_adapter_metadata": json.dumps(config)})
+    with pytest.raises(RuntimeError, match="size mismatch"):  # the file really does not load as it is
+        CogVideoXPipeline.from_pretrained(str(model)).load_lora_weights(str(tmp_path), weight_name=bad.name)
+    message = _error(bad, model)
+    assert "rank 16" in message and "rank 4" in message and "bad.safetensors" in message

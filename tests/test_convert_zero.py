@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from cogtune.errors import CogtuneError
 from cogtune.export.shards import TensorSpec
 from cogtune.export.to_diffusers import name_prefix as _name_prefix
-from cogtune.export.zero import convert_zero, load_checkpoint_file, register_cli
+from cogtune.export.zero import convert_zero, load_checkpoint_file, locate_tag_folder, register_cli
 
 slow_multiproc = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -182,3 +182,10 @@ def test_pickles_load_weights_only_else_warn_once(tmp_path, caplog):
     with pytest.raises(CogtuneError, match="cut.pt.*damaged or incomplete") as err:
         load_checkpoint_file(tmp_path / "cut.pt")
     assert "\n" not in str(err.value)
+
+
+def test_a_file_is_not_taken_for_a_missing_folder(tmp_path):
+    ckpt = tmp_path / "mp_rank_00_model_states.pt"
+    ckpt.write_bytes(b"")
+    with pytest.raises(CogtuneError, match="is a file: pass the checkpoint folder"):
+        locate_tag_folder(ckpt)

@@ -122,3 +122,10 @@ def test_verify_names_the_problem(transformer, tmp_path):
         verify_transformer_folder(out, {k: s for k, s in shapes.items() if k != "proj_out.bias"})
     with pytest.raises(CogtuneError, match=r"1 shapes differ.*proj_out.weight: found \[64, 32\], expected \[64, 33\]"):
         verify_transformer_folder(out, {**shapes, "proj_out.weight": (64, 33)})
+
+
+def test_output_below_a_file_is_one_line(transformer, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(CogtuneError, match="a_file is a file, not a folder") as err:
+        save_transformer_folder(transformer, None, tmp_path / "a_file" / "out")
+    assert "\n" not in str(err.value) and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

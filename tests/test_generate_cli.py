@@ -68,3 +68,56 @@ def test_generate_option_errors(tiny_model, tmp_path, capsys, extra, expect):
                  str(tmp_path / "x.mp4"), *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and expect in err, err
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--frames", "0"], "not 0"),  # 0 is not "unset": it must not fall back to the native count
+    (["--height", "-16"], "--height -16: give a positive number"),
+    (["--fps", "0"], "--fps 0: give a positive number"),
+    (["--guidance-scale", "nan"], "finite"),
+])
+def test_zero_negative_and_nan_settings_are_refused(tiny_model, tmp_path, capsys, extra, expect):
+    out, model = tmp_path / "x.mp4", str(tiny_model("cogvideox-5b"))
+    capsys.readouterr()  # only what the command prints counts
+    code = main(["generate", "--model", model, "--prompt", "x", "--steps", "1", "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expect in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where, expect", [
+    ("folder", "is a folder"), ("x.gif", "ending in .mp4"), ("a_file/x.mp4", "is a file, not a folder"),
+])
+def test_bad_output_path_is_one_line_before_sampling(tiny_model, tmp_path, capsys, where, expect):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    before, model = sorted(p.name for p in tmp_path.iterdir()), str(tiny_model("cogvideox-5b"))
+    capsys.readouterr()
+    code = main(["generate", "--model", model, "--prompt", "x", "--steps", "1", "--out", str(tmp_path / where)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expect in err and "--out" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not any((tmp_path / "folder").iterdir())
+
+
+@pytest.mark.parametrize("suffix, expect", [(":abc", "weight 'abc' is not a number"), (":nan", "not a finite")])
+def test_lora_weight_that_is_no_number(tiny_model, tmp_path, capsys, suffix, expect):
+    lora = tmp_path / "lora"
+    lora.mkdir()  # the path exists, so the text after ':' can only be a weight
+    model = str(tiny_model("cogvideox-5b"))
+    capsys.readouterr()
+    code = main(["generate", "--model", model, "--prompt", "x", "--out", str(tmp_path / "x.mp4"),
+                 "--lora", f"{lora}{suffix}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expect in err, err
+
+
+def test_image_that_is_no_image_fails_before_any_weight_is_read(tiny_model, tmp_path):
+    from cogtune.errors import CogtuneError
+    from cogtune.infer.generate import Settings, resolve_settings
+
+    bad = tmp_path / "frame.png"
+    bad.write_text("this is text, not a PNG")
+    with pytest.raises(CogtuneError, match="cannot read it as an image"):
+        resolve_settings(tiny_model("cogvideox-5b-i2v"), Settings("x", image=bad))
+    with pytest.raises(CogtuneError, match="a folder, not an image file"):
+        resolve_settings(tiny_model("cogvideox-5b-i2v"), Settings("x", image=tmp_path))

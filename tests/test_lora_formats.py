@@ -16,6 +16,7 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from cogtune.errors import CogtuneError
 from cogtune.export.lora_formats import (
     WEIGHT_NAME, load_lora_any, load_lora_into_pipeline, read_lora, register_cli, write_comfyui, write_diffusers,
 )
@@ -191,3 +192,31 @@ def test_foreign_comfyui_lora_without_metadata(wide_lora, tmp_path):
     pipe2.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="orig")
     torch.testing.assert_close(run_transformer(pipe.transformer, inputs), run_transformer(pipe2.transformer, inputs),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_cli_convert_never_clobbers_silently(wide_lora, tmp_path):
+    _, path, _ = wide_lora
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers(dest="command", required=True))
+
+    def convert(*argv):
+        args = parser.parse_args(["lora", "convert", *map(str, argv)])
+        args.func(args)
+
+    source = path.read_bytes()
+    with pytest.raises(CogtuneError, match="is the input LoRA itself"):  # would replace the LoRA with another format
+        convert(path, path, "--to", "comfyui", "--overwrite")
+    assert path.read_bytes() == source
+
+    out = tmp_path / "c.safetensors"
+    convert(path, out, "--to", "comfyui")
+    (tmp_path / "ref").write_text("")  # what any new file gets under this process's umask
+    assert out.stat().st_mode & 0o777 == (tmp_path / "ref").stat().st_mode & 0o777
+    out.write_bytes(b"keep me")
+    with pytest.raises(CogtuneError, match="exists.*--overwrite"):
+        convert(path, out, "--to", "comfyui")
+    assert out.read_bytes() == b"keep me"
+    convert(path, out, "--to", "comfyui", "--overwrite")
+    assert load_file(str(out)).keys() == load_file(str(write_comfyui(read_lora(path), tmp_path / "d"))).keys()
+    with pytest.raises(CogtuneError, match="is a file, not a folder"):
+        convert(path, out / "x.safetensors", "--to", "diffusers")

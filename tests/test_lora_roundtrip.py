@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 
 import pytest
 import torch
@@ -71,7 +72,13 @@ def test_lora_metadata_records_training(tiny_model, synth_data, tmp_path):
 
     model = tiny_model("cogvideox-5b")
     cfg = tiny_train_config(model, synth_data, tmp_path / "run", lora__rank=4, lora__alpha=2, max_steps=1)
+    cfg.checkpoint.every_steps = 1
     path = train(cfg).lora_path
+    # the LoRA and the checkpoint's weights get the mode any new file gets (safetensors itself writes 0600)
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    for written in (path, tmp_path / "run" / "checkpoint-1" / "trainable.safetensors"):
+        assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode), written
     meta = read_metadata(path)
     assert meta["cogtune.rank"] == "4" and float(meta["cogtune.alpha"]) == 2.0
     assert meta["cogtune.variant"] == "cogvideox-5b"

@@ -71,3 +71,19 @@ def test_merge_refuses_a_lora_for_another_model(two_loras, tiny_model, tmp_path)
     with pytest.raises(CogtuneError, match="trained on cogvideox-5b"):
         merge_loras(tiny_model("cogvideox1.5-5b"), [str(a)], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_merge_never_writes_over_its_own_model(two_loras, tmp_path):
+    import shutil
+
+    model, a, _, _, _ = two_loras
+    mine = shutil.copytree(model, tmp_path / "model")  # a copy: a failing check must not break the shared model
+    weights = {p: p.read_bytes() for p in (mine / "transformer").iterdir()}
+    for out in (mine, mine / "transformer", tmp_path):
+        with pytest.raises(CogtuneError, match="overlaps --model"):
+            merge_loras(mine, [str(a)], out, overwrite=True)
+    assert {p: p.read_bytes() for p in (mine / "transformer").iterdir()} == weights
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(CogtuneError, match="is a file, not a folder"):
+        merge_loras(model, [str(a)], tmp_path / "a_file" / "merged")

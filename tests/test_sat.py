@@ -211,3 +211,16 @@ def test_real_size_layouts_map_onto_published_configs(variant):
     assert cfg == published
     kept = check_against_model(converted, cfg)
     assert {k: tuple(v.shape) for k, v in kept.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def test_lora_output_is_replaced_only_with_overwrite(tiny_model, tmp_path, capsys):
+    src, _ = official_trainer_lora(tiny_model("cogvideox-5b"), tmp_path / "official")
+    out = tmp_path / "fixed" / "pytorch_lora_weights.safetensors"
+    out.parent.mkdir()
+    out.write_bytes(b"an earlier export")
+    with pytest.raises(CogtuneError, match="exists.*--overwrite"):
+        cli([src, out.parent, "--variant", "cogvideox-5b"])
+    assert out.read_bytes() == b"an earlier export" and "note:" not in capsys.readouterr().out
+    cli([src, out.parent, "--variant", "cogvideox-5b", "--overwrite"])
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["cogtune.converted_from"] == "cogvideo-finetune"

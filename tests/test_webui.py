@@ -121,3 +121,43 @@ def test_compare_job_and_image_upload(server, tiny_model, tmp_path):
     assert status["state"] == "done", status
     (tmp_path / "i2v.mp4").write_bytes(get(server.url + status["video"])[1])
     assert probe(tmp_path / "i2v.mp4").frames == 17
+
+
+@pytest.mark.parametrize("field, expect", [
+    ({"steps": "0"}, "--steps 0"), ({"steps": 0}, "--steps 0"),  # 0 is a value to check, not "use the default"
+    ({"frames": "0"}, "not 0"), ({"guidance_scale": "nan"}, "not a number"),
+])
+def test_form_values_are_checked_not_replaced(tiny_model, tmp_path, field, expect):
+    from cogtune.errors import CogtuneError
+    from cogtune.infer.webui import Generator
+
+    generator = Generator(tmp_path / "ui")
+    with pytest.raises(CogtuneError, match=expect):
+        generator.submit({"model": str(tiny_model("cogvideox-5b")), "prompt": "x", **field})
+    assert generator.status() == {"state": "idle"}
+
+
+def test_upload_that_is_no_image_is_refused_at_once(tiny_model, tmp_path):
+    import base64
+
+    from cogtune.errors import CogtuneError
+    from cogtune.infer.webui import Generator
+
+    generator = Generator(tmp_path / "ui")
+    text = "data:image/png;base64," + base64.b64encode(b"not a picture").decode()
+    with pytest.raises(CogtuneError, match="not an image file"):
+        generator.submit({"model": str(tiny_model("cogvideox-5b-i2v")), "prompt": "x", "image": text})
+    assert generator.status() == {"state": "idle"} and not any((tmp_path / "ui").iterdir())
+
+
+@pytest.mark.parametrize("port, out_dir, expect", [
+    (99999, "ui", "--port 99999"), (0, "a_file", "--out-dir .*a_file is a file"),
+    (0, "a_file/ui", "--out-dir .*a_file is a file, not a folder"),  # not "cannot listen ... pick another --port"
+])
+def test_server_options_are_one_line(tmp_path, port, out_dir, expect):
+    from cogtune.errors import CogtuneError
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(CogtuneError, match=expect) as err:
+        make_server("127.0.0.1", port, out_dir=tmp_path / out_dir).stop()
+    assert "\n" not in str(err.value)

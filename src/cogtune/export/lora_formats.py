@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from ..errors import CogtuneError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+COMFY_NAME = "lora_comfyui.safetensors"
 ADAPTER_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 PREFIX = "transformer."
 COMFY_PREFIX = "diffusion_model."
@@ -236,6 +237,10 @@ def read_lora(path: str | Path, assume_alpha: float | None = None) -> LoraWeight
         alphas = {m: _config_alpha(config, m) for m in ranks}  # exact values when the stored config agrees
         return LoraWeights(state_dict, alphas, config, cogtune, extra, fmt, True)
     if stored is not None:
+        bad = next((m for m in sorted(ranks) if _config_rank(stored, m) != ranks[m]), None)
+        if bad is not None:
+            raise CogtuneError(f"LoRA file {path}: its metadata gives {bad} rank {_config_rank(stored, bad)}, its "
+                               f"weights rank {ranks[bad]}: the metadata belongs to another LoRA; export it again")
         return LoraWeights(state_dict, {m: _config_alpha(stored, m) for m in ranks}, stored, cogtune, extra, fmt, True)
     alphas = {m: float(assume_alpha) if assume_alpha is not None else float(ranks[m]) for m in ranks}
     config = build_lora_config(ranks, alphas)
@@ -263,11 +268,34 @@ def load_lora_into_pipeline(pipe, path: str | Path, adapter_name: str) -> LoraWe
 # --- writing --------------------------------------------------------------------------------------------------
 
 
-def _write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], out: Path) -> Path:
+def output_path(out: str | Path, to: str = "diffusers") -> Path:
+    """`out` if it names a .safetensors file, else the file of format `to` inside folder `out`."""
+    out = Path(out)
+    return out if out.suffix == ".safetensors" else out / (COMFY_NAME if to == "comfyui" else WEIGHT_NAME)
+
+
+def check_output_file(out: Path, overwrite: bool = True) -> Path:
+    """`out` if a LoRA file can be written there (an existing file only with `overwrite`): else one line."""
+    from .shards import check_can_create
+
+    if out.is_dir():
+        raise CogtuneError(f"output {out} is a folder: give a new .safetensors file name, or the folder without it")
+    if out.exists() and not overwrite:
+        raise CogtuneError(f"output {out} exists: choose a new path or pass --overwrite to replace it")
+    check_can_create(out)
+    return out
+
+
+def _write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], out: Path,
+                  overwrite: bool = True) -> Path:
+    from .shards import new_file_mode
+
+    check_output_file(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, new_file_mode())  # safetensors writes 0600: others (e.g. a ComfyUI server) could not read it
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -279,11 +307,9 @@ def _metadata(lora: LoraWeights) -> dict[str, str]:
     return {"format": "pt", **lora.extra, ADAPTER_KEY: adapter, **lora.cogtune}
 
 
-def write_diffusers(lora: LoraWeights, out: str | Path) -> Path:
+def write_diffusers(lora: LoraWeights, out: str | Path, overwrite: bool = True) -> Path:
     """`out` is a .safetensors path, or a folder that gets `pytorch_lora_weights.safetensors`."""
-    out = Path(out)
-    out = out if out.suffix == ".safetensors" else out / WEIGHT_NAME
-    return _write_atomic(lora.state_dict, _metadata(lora), out)
+    return _write_atomic(lora.state_dict, _metadata(lora), output_path(out, "diffusers"), overwrite)
 
 
 def to_comfy_state_dict(lora: LoraWeights) -> dict[str, torch.Tensor]:
@@ -299,18 +325,22 @@ def to_comfy_state_dict(lora: LoraWeights) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_comfyui(lora: LoraWeights, out: str | Path) -> Path:
+def write_comfyui(lora: LoraWeights, out: str | Path, overwrite: bool = True) -> Path:
     """`out` is a .safetensors path, or a folder that gets `lora_comfyui.safetensors`."""
-    out = Path(out)
-    out = out if out.suffix == ".safetensors" else out / "lora_comfyui.safetensors"
-    return _write_atomic(to_comfy_state_dict(lora), _metadata(lora), out)
+    return _write_atomic(to_comfy_state_dict(lora), _metadata(lora), output_path(out, "comfyui"), overwrite)
 
 
-def convert_lora(src: str | Path, out: str | Path, to: str, alpha: float | None = None) -> Path:
+def convert_lora(src: str | Path, out: str | Path, to: str, alpha: float | None = None,
+                 overwrite: bool = True) -> tuple[LoraWeights, Path]:
+    """(the LoRA read, the file written). OUT may not be the input file itself."""
     if to not in FORMATS:
         raise CogtuneError(f"--to {to}: unknown LoRA format; use one of {', '.join(FORMATS)}")
+    src, dest = resolve_lora_path(src), output_path(out, to)
+    if dest.exists() and dest.resolve() == src.resolve():
+        raise CogtuneError(f"output {dest} is the input LoRA itself: write the converted LoRA to another path")
     lora = read_lora(src, assume_alpha=alpha)  # an alpha recorded in the file wins; `alpha` fills in a missing one
-    return write_comfyui(lora, out) if to == "comfyui" else write_diffusers(lora, out)
+    write = write_comfyui if to == "comfyui" else write_diffusers
+    return lora, write(lora, dest, overwrite)
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------
@@ -328,11 +358,10 @@ def cli_group(subparsers, name: str, help_text: str):
 
 
 def _cmd_convert(args) -> None:
-    lora = read_lora(args.src, assume_alpha=args.alpha)
+    lora, path = convert_lora(args.src, args.out, args.to, args.alpha, overwrite=args.overwrite)
     if not lora.alpha_stored and args.alpha is None:
-        print(f"note: {args.src} records no alpha; writing alpha = rank (scale 1.0, what diffusers assumes); "
+        print(f"note: {args.src} records no alpha; wrote alpha = rank (scale 1.0, what diffusers assumes); "
               "pass --alpha A if it was trained with another alpha")
-    path = write_comfyui(lora, args.out) if args.to == "comfyui" else write_diffusers(lora, args.out)
     ranks = sorted({lora.rank(m) for m in lora.modules})
     print(f"wrote {args.to} LoRA {path} ({len(lora.modules)} modules, rank {'/'.join(map(str, ranks))}, "
           f"alpha {lora.lora_config.get('lora_alpha')})")
@@ -346,4 +375,5 @@ def register_cli(subparsers) -> None:
     p.add_argument("out", metavar="OUT", help="output .safetensors file, or a folder")
     p.add_argument("--to", required=True, choices=FORMATS)
     p.add_argument("--alpha", type=float, help="alpha for a LoRA that records none (default: rank, as diffusers)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
     p.set_defaults(func=_cmd_convert)

@@ -66,11 +66,9 @@ def fuse_loras(transformer_dir: Path, loras: list, model_dir: Path):
 
     transformer = CogVideoXTransformer3DModel.from_pretrained(str(transformer_dir), torch_dtype=torch.float32)
     names = []
-    for spec in loras:
+    for spec in loras:  # names are unique: parse_loras checks that
         lora = read_lora(spec.path)
         check_lora_compat(lora, model_dir)
-        if spec.name in names:
-            raise CogtuneError(f"--lora {spec.path}: adapter name {spec.name!r} is used twice; name them NAME@...")
         with warnings.catch_warnings():  # peft warns on every adapter after the first; several is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             transformer.load_lora_adapter(dict(lora.state_dict), prefix="transformer", adapter_name=spec.name,
@@ -85,8 +83,8 @@ def fuse_loras(transformer_dir: Path, loras: list, model_dir: Path):
 def merge_loras(model: str | Path, loras: list[str], out: str | Path, pipeline: bool = False,
                 dtype: str | None = None, max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     """Fuse `loras` (`PATH[:WEIGHT][@NAME]` strings) into the model's transformer; write OUT. Returns OUT."""
-    from ..infer.generate import LoraSpec
-    from .shards import resolve_dtype, save_transformer_folder, staged_folder
+    from ..infer.generate import parse_loras
+    from .shards import check_output_folder, resolve_dtype, save_transformer_folder, staged_folder
 
     model, out = Path(model), Path(out)
     if not loras:
@@ -94,26 +92,25 @@ def merge_loras(model: str | Path, loras: list[str], out: str | Path, pipeline: 
     transformer_dir, is_pipeline = _transformer_dir(model)
     if pipeline and not is_pipeline:
         raise CogtuneError(f"--pipeline needs a pipeline folder as --model, {model} is a transformer folder")
-    specs = [LoraSpec.parse(text, i) for i, text in enumerate(loras)]
-    if out.is_dir() and any(out.iterdir()) and not overwrite:  # say so before the slow part
-        raise CogtuneError(f"output folder {out} is not empty: choose a new path or pass --overwrite to replace it")
+    specs = parse_loras(loras)
+    m, o = model.resolve(), out.resolve()
+    if o == m or m in o.parents or o in m.parents:  # --overwrite would delete the base model
+        raise CogtuneError(f"output {out} overlaps --model {model}: write the merged model to a new folder")
+    check_output_folder(out, overwrite)  # say so before the slow part
     to = resolve_dtype(dtype) or stored_dtype(transformer_dir)
     transformer = fuse_loras(transformer_dir, specs, model)
     info = {"model": str(model.absolute()), "dtype": str(to).removeprefix("torch."),
             "loras": [{"path": str(s.path.absolute()), "weight": s.weight, "name": s.name} for s in specs]}
-    if not pipeline:
-        save_transformer_folder(transformer, None, out, dtype=to, max_shard_size=max_shard_size, overwrite=overwrite)
-        (out / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        return out
-    with staged_folder(out, overwrite) as tmp:
-        for entry in sorted(model.iterdir()):
+    with staged_folder(out, overwrite) as tmp:  # OUT appears complete (merge info included) or not at all
+        for entry in sorted(model.iterdir()) if pipeline else ():
             if entry.name == "transformer":
                 continue
             if entry.is_dir():
                 shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
             else:
                 _link_or_copy(str(entry), str(tmp / entry.name))
-        save_transformer_folder(transformer, None, tmp / "transformer", dtype=to, max_shard_size=max_shard_size)
+        save_transformer_folder(transformer, None, tmp / "transformer" if pipeline else tmp, dtype=to,
+                                max_shard_size=max_shard_size, overwrite=True)
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return out
 

@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CogtuneError
-from .lora_formats import PREFIX, WEIGHT_NAME, LoraWeights, build_lora_config, cli_group, read_lora, write_diffusers
+from .lora_formats import (PREFIX, WEIGHT_NAME, LoraWeights, build_lora_config, check_output_file, cli_group,
+                           output_path, read_lora, write_diffusers)
 
 SAT_PREFIX = "model.diffusion_model."
 SAT_FILE = "mp_rank_00_model_states.pt"
@@ -231,11 +232,9 @@ def _lora_weights(state_dict: dict[str, torch.Tensor], alpha: float, variant: st
     return LoraWeights(state_dict, alphas, config, cogtune, {}, "diffusers", True)
 
 
-def _lora_out(out: Path) -> Path:
-    return out if out.suffix == ".safetensors" else out / WEIGHT_NAME
-
-
-def convert_official_lora(path: Path, out: Path, variant: str, alpha: float | None = None) -> Path:
+def convert_official_lora(path: Path, out: Path, variant: str, alpha: float | None = None,
+                          overwrite: bool = False) -> Path:
+    check_output_file(output_path(out), overwrite)
     lora = read_lora(path)
     if lora.source_format != "diffusers":
         raise CogtuneError(f"{path} is a {lora.source_format} LoRA: use `cogtune lora convert` for it")
@@ -248,17 +247,19 @@ def convert_official_lora(path: Path, out: Path, variant: str, alpha: float | No
         print(f"note: {path.name} records no alpha (CogVideo finetune trainer output): assuming that trainer's "
               f"default lora_alpha={alpha:g} with rank {rank} (scale {alpha / rank:g}); pass --alpha if you trained "
               "with another")
-    return write_diffusers(_lora_weights(lora.state_dict, alpha, variant, "cogvideo-finetune"), _lora_out(out))
+    return write_diffusers(_lora_weights(lora.state_dict, alpha, variant, "cogvideo-finetune"), out, overwrite)
 
 
-def convert_sat_lora(sat: dict[str, torch.Tensor], out: Path, variant: str, alpha: float | None = None) -> Path:
+def convert_sat_lora(sat: dict[str, torch.Tensor], out: Path, variant: str, alpha: float | None = None,
+                     overwrite: bool = False) -> Path:
+    check_output_file(output_path(out), overwrite)
     state_dict = sat_lora_to_diffusers(sat)
     rank = next(v.shape[0] for k, v in state_dict.items() if ".lora_A." in k)
     if alpha is None:
         alpha = SAT_LORA_ALPHA
         print(f"note: SAT LoRAs store no alpha: using SAT's default lora_alpha=1 with rank {rank} (scale 1/{rank}, "
               "as CogVideo's tools/load_cogvideox_lora.py applies); pass --alpha if your lora_config set lora_alpha")
-    return write_diffusers(_lora_weights(state_dict, alpha, variant, "sat"), _lora_out(out))
+    return write_diffusers(_lora_weights(state_dict, alpha, variant, "sat"), out, overwrite)
 
 
 # --- entry points ---------------------------------------------------------------------------------------------
@@ -269,17 +270,16 @@ def convert_sat(ckpt: str | Path, out: str | Path, variant: str, alpha: float | 
                 overwrite: bool = False, unsafe_pickle: bool = False) -> Path:
     """Convert CKPT (SAT full/LoRA checkpoint, or an official-trainer LoRA) into OUT; returns what was written."""
     from ..models.variants import get_variant
-    from .shards import save_transformer_folder
+    from .shards import check_output_folder, save_transformer_folder
 
     get_variant(variant)
     path, out = resolve_checkpoint(ckpt), Path(out)
     if path.suffix == ".safetensors":
-        return convert_official_lora(path, out, variant, alpha)
+        return convert_official_lora(path, out, variant, alpha, overwrite)
     sat = load_sat_state_dict(path, unsafe_pickle)
     if any(".matrix_A." in k for k in sat):
-        return convert_sat_lora(sat, out, variant, alpha)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:  # say so before converting
-        raise CogtuneError(f"output folder {out} is not empty: choose a new path or pass --overwrite to replace it")
+        return convert_sat_lora(sat, out, variant, alpha, overwrite)
+    check_output_folder(out, overwrite)  # say so before converting
     sd, _ = sat_to_diffusers(sat)
     cfg = _read_config(config) if config else infer_config(sd, variant)
     sd = check_against_model(sd, cfg)
@@ -306,6 +306,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("--config", help="transformer config.json (or model folder) to use instead of the published one")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the checkpoint's)")
     p.add_argument("--max-shard-size", default="5GB")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT folder or an existing LoRA file")
     p.add_argument("--unsafe-pickle", action="store_true", help="unpickle Python objects in CKPT (trusted files only)")
     p.set_defaults(func=_cmd_sat)

@@ -187,6 +187,36 @@ class ShardWriter:
             self._close_fds()
 
 
+def check_can_create(path: str | Path, what: str = "output") -> None:
+    """One line now, not after the slow part, if `path` cannot be created: an ancestor of it is a file, or the
+    nearest folder that exists is not writable."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CogtuneError(f"{what} {path}: {parent} is a file, not a folder; choose another path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise CogtuneError(f"{what} {path}: folder {parent} is not writable; choose another path")
+            return
+
+
+def new_file_mode(mode: int = 0o666) -> int:
+    """`mode` less the umask: what a plain open() would give (temp files are made 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """`out_dir` if a folder can be written there: not a file, empty unless `overwrite`, creatable."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CogtuneError(f"output {out} is a file, not a folder: choose another path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CogtuneError(f"output folder {out} is not empty: choose a new path or pass --overwrite to replace it")
+    check_can_create(out)
+    return out
+
+
 @contextlib.contextmanager
 def staged_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `out_dir`; on success it replaces `out_dir`, on failure it is removed.
@@ -194,16 +224,10 @@ def staged_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
     A non-empty `out_dir` is refused unless `overwrite`; then the old folder is moved aside, the new one renamed in
     and the old one deleted, so `out_dir` is never half-written.
     """
-    out = Path(out_dir).absolute()
-    if out.exists() and not out.is_dir():
-        raise CogtuneError(f"output {out} is a file, not a folder: choose another path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CogtuneError(f"output folder {out} is not empty: choose a new path or pass --overwrite to replace it")
+    out = check_output_folder(out_dir, overwrite).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any new folder
+    os.chmod(tmp, new_file_mode(0o777))  # mkdtemp makes it 0700; the result should look like any new folder
     try:
         yield tmp
         if out.is_dir() and any(out.iterdir()):

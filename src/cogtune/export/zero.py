@@ -94,6 +94,9 @@ def locate_tag_folder(checkpoint_dir: str | Path) -> Path:
     (`checkpoint-N/` with `latest` + `pytorch_model/`, as the official CogVideoX trainer writes) or the tag folder.
     """
     root = Path(checkpoint_dir)
+    if root.is_file():
+        raise CogtuneError(f"{root} is a file: pass the checkpoint folder (the one holding 'latest' or the "
+                           "*_optim_states.pt files)")
     if not root.is_dir():
         raise CogtuneError(f"checkpoint folder {root} does not exist: pass the folder that holds 'latest'")
     if _optim_files(root):

@@ -7,6 +7,7 @@ sampled frame.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -15,8 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..data.video import to_uint8_frames, write_mp4
 from ..errors import CogtuneError
-from .generate import (LoraSpec, Settings, StepCallback, activate_adapters, build_pipeline, encode_prompt,
-                       parse_loras, resolve_settings, sample)
+from .generate import (LoraSpec, Settings, StepCallback, activate_adapters, build_pipeline, check_video_out,
+                       encode_prompt, parse_loras, resolve_settings, sample)
 
 RunCallback = Callable[[int, int, str], None]  # (run index from 1, runs in all, label)
 
@@ -92,9 +93,12 @@ def comparison_sheet(videos: Sequence[np.ndarray], labels: Sequence[str], path: 
             sheet.paste(Image.fromarray(video[i]), (left + col * w, top + row * h))
         draw.text((6, top + row * h + h / 2), _fit(draw, label, font, left - 8), fill="black", font=font, anchor="lm")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    sheet.save(tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    try:
+        sheet.save(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return np.asarray(sheet)
 
 
@@ -141,6 +145,7 @@ def compare(model: str | Path, prompt: str, out: str | Path, loras: Sequence[str
     specs = parse_loras(loras)
     if not specs:
         raise CogtuneError("--compare needs at least one --lora to compare with the base model")
+    out = check_video_out(out)
     pipe = build_pipeline(model, specs, dtype, device, cpu_offload, vae_tiling, vae_slicing)
     videos, labels = compare_videos(pipe, settings, specs, on_run, on_step, progress)
     return write_comparison(videos, labels, out, settings.fps)

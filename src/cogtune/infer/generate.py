@@ -8,6 +8,7 @@ Three steps, each usable alone: `resolve_settings` (defaults from the variant, c
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -36,7 +37,7 @@ class LoraSpec:
         """`PATH[:WEIGHT][@NAME]`; PATH is a LoRA file or a folder holding one (diffusers or ComfyUI format)."""
         from ..export.lora_formats import resolve_lora_path
 
-        name = None
+        given, name = text, None
         if "@" in text:
             text, name = text.rsplit("@", 1)
         weight = 1.0
@@ -45,7 +46,11 @@ class LoraSpec:
             try:
                 weight, text = float(tail), head
             except ValueError:
-                pass
+                if Path(head).exists() and not Path(text).exists():
+                    raise CogtuneError(f"--lora {given}: weight {tail!r} is not a number; write PATH:WEIGHT, "
+                                       f"e.g. {head}:0.8") from None
+        if not math.isfinite(weight):
+            raise CogtuneError(f"--lora {given}: weight {weight} is not a finite number")
         if name is not None and (not name or not name.replace("_", "").replace("-", "").isalnum()):
             raise CogtuneError(f"--lora ...@{name}: an adapter name uses letters, digits, '_' and '-' only")
         return cls(resolve_lora_path(text), weight, name or f"lora{index}")
@@ -86,13 +91,17 @@ class Settings:
     guidance_scale: float = 6.0
 
 
+def _given_or(value, default):
+    return default if value is None else value  # 0 is a value the checks judge, not "unset"
+
+
 def resolve_settings(model_dir: str | Path, settings: Settings) -> Settings:
     """Defaults from the variant; a wrong image/frames/size combination is one line, before any weight is read."""
     model_dir = Path(model_dir)
     variant = resolve_variant(model_dir)
     d_frames, d_height, d_width, d_fps = default_size(model_dir)
-    s = replace(settings, frames=settings.frames or d_frames, height=settings.height or d_height,
-                width=settings.width or d_width, fps=settings.fps or d_fps)
+    s = replace(settings, frames=_given_or(settings.frames, d_frames), height=_given_or(settings.height, d_height),
+                width=_given_or(settings.width, d_width), fps=_given_or(settings.fps, d_fps))
     if variant.i2v and s.image is None:
         raise CogtuneError(f"model {model_dir} is {variant.name} (image-to-video): "
                            "give the first frame with --image PATH")
@@ -100,10 +109,14 @@ def resolve_settings(model_dir: str | Path, settings: Settings) -> Settings:
         raise CogtuneError(f"model {model_dir} is {variant.name} (text-to-video) and takes no --image; "
                            "drop --image or use an -i2v model")
     if s.image is not None and not Path(s.image).is_file():
-        raise CogtuneError(f"--image {s.image}: no such file")
+        what = "a folder, not an image file" if Path(s.image).is_dir() else "no such file"
+        raise CogtuneError(f"--image {s.image}: {what}")
     problem = variant.check_frames(s.frames)
     if problem:
         raise CogtuneError(f"--frames: {problem}")
+    for flag, value in (("--height", s.height), ("--width", s.width), ("--fps", s.fps)):
+        if value < 1:
+            raise CogtuneError(f"{flag} {value}: give a positive number, or leave it out for the model's own")
     if s.height % 16 or s.width % 16:
         raise CogtuneError(f"--height/--width {s.height}x{s.width}: both must be multiples of 16")
     if variant.fixed_resolution and (s.height, s.width) != (d_height, d_width):
@@ -111,7 +124,24 @@ def resolve_settings(model_dir: str | Path, settings: Settings) -> Settings:
                            f"not {s.height}x{s.width}: drop --height/--width")
     if s.steps < 1:
         raise CogtuneError(f"--steps {s.steps}: give at least 1")
+    if not math.isfinite(s.guidance_scale):
+        raise CogtuneError(f"--guidance-scale {s.guidance_scale}: give a finite number (6 is the usual)")
+    if s.image is not None:
+        load_image(s.image, s.height, s.width)  # a file that is no image: one line now, not after loading weights
     return s
+
+
+def check_video_out(out: str | Path) -> Path:
+    """`--out` as a Path, if an mp4 can be written there: one line now instead of a traceback after sampling."""
+    from ..export.shards import check_can_create
+
+    out = Path(out)
+    if out.is_dir():
+        raise CogtuneError(f"--out {out} is a folder: give a file name in it, e.g. {out / 'video.mp4'}")
+    if out.suffix.lower() != ".mp4":
+        raise CogtuneError(f"--out {out}: the video is written as H.264 mp4; give a path ending in .mp4")
+    check_can_create(out, "--out")
+    return out
 
 
 def pick_dtype(name: str | None, cuda: bool) -> torch.dtype:
@@ -231,6 +261,7 @@ def generate(model: str | Path, prompt: str, out: str | Path, loras: Sequence[st
     settings = resolve_settings(model, Settings(prompt, negative_prompt, image, frames, height, width, fps, steps, seed,
                                                 guidance_scale))
     specs = parse_loras(loras)
+    out = check_video_out(out)
     pipe = build_pipeline(model, specs, dtype, device, cpu_offload, vae_tiling, vae_slicing, fuse)
     video = sample(pipe, settings, on_step, progress=progress)
     return write_mp4(video, out, settings.fps, value_range=(0.0, 1.0))

@@ -11,6 +11,7 @@ import base64
 import binascii
 import html
 import json
+import math
 import re
 import sys
 import threading
@@ -21,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CogtuneError
-from .generate import (LoraSpec, Settings, activate_adapters, add_sampling_args, build_pipeline, parse_loras,
-                       resolve_settings, sample)
+from .generate import (LoraSpec, Settings, activate_adapters, add_sampling_args, build_pipeline, load_image,
+                       parse_loras, resolve_settings, sample)
 
 MAX_BODY = 32 * 1024 * 1024  # an uploaded first frame, base64-encoded
 FILE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(mp4|png)$")
@@ -45,7 +46,13 @@ class Generator:
     """Runs one job at a time and keeps the last pipeline."""
 
     def __init__(self, out_dir: str | Path, pipeline_options: dict[str, Any] | None = None):
+        from ..export.shards import check_can_create
+
         self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise CogtuneError(f"--out-dir {out_dir} is a file: give a folder for the videos")
+        if not self.out_dir.is_dir():
+            check_can_create(self.out_dir, "--out-dir")  # a file in the way: one line naming the flag
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.options = pipeline_options or {}
         self.lock = threading.Lock()
@@ -80,7 +87,7 @@ class Generator:
         settings = resolve_settings(model, Settings(
             prompt=str(form.get("prompt") or ""), negative_prompt=str(form.get("negative_prompt") or ""), image=image,
             frames=_int(form, "frames"), height=_int(form, "height"), width=_int(form, "width"),
-            steps=_int(form, "steps") or 50, seed=_int(form, "seed") or 0,
+            steps=_int(form, "steps", 50), seed=_int(form, "seed", 0),
             guidance_scale=_float(form, "guidance_scale", 6.0)))
         compare = bool(form.get("compare"))
         if compare and not specs:
@@ -101,6 +108,11 @@ class Generator:
             path.write_bytes(base64.b64decode(payload, validate=True))
         except (binascii.Error, ValueError):
             raise CogtuneError("the uploaded image is not valid base64 data") from None
+        try:
+            load_image(path, 16, 16)
+        except CogtuneError:
+            path.unlink()
+            raise CogtuneError("the uploaded first frame is not an image file (use PNG, JPEG or WebP)") from None
         return path
 
     def _pipeline(self, model: str, specs: list[LoraSpec]):
@@ -143,20 +155,27 @@ class Generator:
             self._update(job, state="error", message=f"{e.__class__.__name__}: {e}")
 
 
-def _int(form: dict, key: str) -> int | None:
-    value = str(form.get(key) or "").strip()
+def _field(form: dict, key: str) -> str:
+    return "" if form.get(key) is None else str(form.get(key)).strip()
+
+
+def _int(form: dict, key: str, default: int | None = None) -> int | None:
+    value = _field(form, key)  # an empty field: `default` (0 is a value the checks judge)
     try:
-        return int(value) if value else None
+        return int(value) if value else default
     except ValueError:
         raise CogtuneError(f"{key}: {value!r} is not a whole number") from None
 
 
 def _float(form: dict, key: str, default: float) -> float:
-    value = str(form.get(key) or "").strip()
+    value = _field(form, key)
     try:
-        return float(value) if value else default
+        number = float(value) if value else default
     except ValueError:
-        raise CogtuneError(f"{key}: {value!r} is not a number") from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise CogtuneError(f"{key}: {value!r} is not a number")
+    return number
 
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>cogtune</title><style>
@@ -293,8 +312,11 @@ def make_server(host: str = "127.0.0.1", port: int = 7860, model: str | Path | N
                 loras: list[str] | None = None, out_dir: str | Path = "cogtune_ui",
                 pipeline_options: dict[str, Any] | None = None, verbose: bool = False) -> UiServer:
     """A server (not yet serving: call `.start()` or `.serve_forever()`); port 0 picks a free port."""
+    if not 0 <= port <= 65535:
+        raise CogtuneError(f"--port {port}: a port is a number from 1 to 65535 (0 picks a free one)")
+    generator = Generator(out_dir, pipeline_options)
     try:
-        return UiServer(host, port, Generator(out_dir, pipeline_options), str(model or ""), loras, verbose)
+        return UiServer(host, port, generator, str(model or ""), loras, verbose)
     except OSError as e:
         raise CogtuneError(f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port") from None
 

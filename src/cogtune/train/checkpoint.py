@@ -7,6 +7,7 @@ holding `trainer_state.json` count, so a write killed midway leaves the previous
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CogtuneError
+from ..export.shards import new_file_mode
 
 STATE = "trainer_state.json"
 TRAINABLE = "trainable.safetensors"
@@ -91,6 +93,7 @@ def install_trainable_only_hooks(accelerator, model) -> None:
         state = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
         if accelerator.is_main_process:
             save_file(state, str(Path(output_dir) / TRAINABLE))
+            os.chmod(Path(output_dir) / TRAINABLE, new_file_mode())  # like the checkpoint's other files
         weights.clear()
 
     def load_hook(models, input_dir):

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .. import __version__
+from ..export.shards import new_file_mode
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -57,6 +58,7 @@ def save_lora(transformer: torch.nn.Module, out_dir: str | Path, info: dict, ful
     final = out_dir / WEIGHT_NAME
     tmp = out_dir / f".{WEIGHT_NAME}.tmp"
     save_file(lora_state_dict(transformer, full_state), str(tmp), metadata=metadata)
+    os.chmod(tmp, new_file_mode())  # safetensors writes 0600; a LoRA is made to be shared (e.g. a ComfyUI server)
     os.replace(tmp, final)
     return final
 
