@@ -44,9 +44,10 @@ def _run(capsys, argv):
         (lambda t: t["data"].update(height=33), "data.height"),
     ],
 )
-def test_bad_config_is_one_line(good, tmp_path, capsys, mutate, needle):
+@pytest.mark.parametrize("command", [["train"], ["data", "cache"]])
+def test_bad_config_is_one_line(good, tmp_path, capsys, mutate, needle, command):
     mutate(good)
-    code, err = _run(capsys, ["train", str(_write(tmp_path, good))])
+    code, err = _run(capsys, [*command, str(_write(tmp_path, good))])
     assert code != 0
     assert len(err.splitlines()) == 1, err
     assert needle in err and "Traceback" not in err

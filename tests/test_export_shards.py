@@ -129,3 +129,18 @@ def test_output_below_a_file_is_one_line(transformer, tmp_path):
     with pytest.raises(CogtuneError, match="a_file is a file, not a folder") as err:
         save_transformer_folder(transformer, None, tmp_path / "a_file" / "out")
     assert "\n" not in str(err.value) and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_an_output_overlapping_an_input_is_refused(tmp_path):
+    from cogtune.errors import CogtuneError
+    from cogtune.export.shards import refuse_overlap
+
+    model = tmp_path / "model"
+    (model / "transformer").mkdir(parents=True)
+    for out in (model, model / "transformer", tmp_path):  # the input itself, inside it, or around it
+        with pytest.raises(CogtuneError, match="overlaps --base"):
+            refuse_overlap(out, **{"--base": model})
+    refuse_overlap(tmp_path / "merged", **{"--base": model})  # beside it: fine
+    refuse_overlap(model / "converted", inside_ok=True, **{"--base": model})  # e.g. checkpoint-N/transformer
+    with pytest.raises(CogtuneError, match="overlaps --base"):
+        refuse_overlap(tmp_path, inside_ok=True, **{"--base": model})

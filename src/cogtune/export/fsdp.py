@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from cogtune.errors import CogtuneError
+from cogtune.export.shards import refuse_overlap
 from cogtune.export.to_diffusers import add_convert_arguments, base_transformer, check_fits, name_prefix, refuse_lora, \
     write_transformer
 
@@ -37,6 +38,7 @@ def convert_fsdp(checkpoint: str | Path, out_dir: str | Path, base_model_dir: st
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    refuse_overlap(out_dir, inside_ok=True, CHECKPOINT=checkpoint, **{"--base": base_model_dir})
     folder = locate_sharded(checkpoint)
     reader = FileSystemReader(str(folder))
     meta = reader.read_metadata().state_dict_metadata

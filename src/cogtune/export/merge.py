@@ -84,7 +84,7 @@ def merge_loras(model: str | Path, loras: list[str], out: str | Path, pipeline: 
                 dtype: str | None = None, max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     """Fuse `loras` (`PATH[:WEIGHT][@NAME]` strings) into the model's transformer; write OUT. Returns OUT."""
     from ..infer.generate import parse_loras
-    from .shards import check_output_folder, resolve_dtype, save_transformer_folder, staged_folder
+    from .shards import check_output_folder, refuse_overlap, resolve_dtype, save_transformer_folder, staged_folder
 
     model, out = Path(model), Path(out)
     if not loras:
@@ -93,9 +93,7 @@ def merge_loras(model: str | Path, loras: list[str], out: str | Path, pipeline: 
     if pipeline and not is_pipeline:
         raise CogtuneError(f"--pipeline needs a pipeline folder as --model, {model} is a transformer folder")
     specs = parse_loras(loras)
-    m, o = model.resolve(), out.resolve()
-    if o == m or m in o.parents or o in m.parents:  # --overwrite would delete the base model
-        raise CogtuneError(f"output {out} overlaps --model {model}: write the merged model to a new folder")
+    refuse_overlap(out, **{"--model": model})
     check_output_folder(out, overwrite)  # say so before the slow part
     to = resolve_dtype(dtype) or stored_dtype(transformer_dir)
     transformer = fuse_loras(transformer_dir, specs, model)

@@ -199,6 +199,16 @@ def check_can_create(path: str | Path, what: str = "output") -> None:
             return
 
 
+def refuse_overlap(out: str | Path, inside_ok: bool = False, **inputs: str | Path) -> None:
+    """One line if output `out` is or contains one of `inputs` (flag name -> path), or lies inside one unless
+    `inside_ok`: replacing it (--overwrite) would delete what is being read."""
+    o = Path(out).resolve()
+    for flag, path in inputs.items():
+        i = Path(path).resolve()
+        if o == i or o in i.parents or (i in o.parents and not inside_ok):
+            raise CogtuneError(f"output {out} overlaps {flag} {path}: write to a new folder")
+
+
 def new_file_mode(mode: int = 0o666) -> int:
     """`mode` less the umask: what a plain open() would give (temp files are made 0600)."""
     umask = os.umask(0)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from cogtune.errors import CogtuneError
+from cogtune.export.shards import refuse_overlap
 from cogtune.export.to_diffusers import (add_convert_arguments, base_transformer, check_fits, name_prefix, refuse_lora,
                                          write_transformer)
 
@@ -302,6 +303,7 @@ def convert_zero(checkpoint_dir: str | Path, out_dir: str | Path, base_model_dir
     the result must have exactly the base model's keys and shapes. Returns `out_dir`.
     DeepSpeed checkpoints are Python pickles: only convert checkpoints from sources you trust.
     """
+    refuse_overlap(out_dir, inside_ok=True, CHECKPOINT=checkpoint_dir, **{"--base": base_model_dir})
     layout = read_layout(locate_tag_folder(checkpoint_dir))
     config_path, expected = base_transformer(base_model_dir)
     shapes = layout.shapes()

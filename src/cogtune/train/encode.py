@@ -86,11 +86,12 @@ def collate(items: list[dict], device: torch.device) -> dict:
 def _frame_options(cfg, variant) -> tuple[list[int], list[tuple[int, int]]]:
     d = cfg.data
     b = d.buckets
+    key = "data.buckets.frames" if b and b.frames else f"data.frames={d.frames}"
     frames = sorted(set(b.frames if b and b.frames else [d.frames]), reverse=True)
     for f in frames:
         problem = variant.check_frames(f)
         if problem:
-            raise CogtuneError(f"data.buckets.frames: {problem}")
+            raise CogtuneError(f"{key}: {problem}")
     if b and b.resolutions:
         resolutions = [tuple(r) for r in b.resolutions]
     elif b and b.area:
