@@ -36,6 +36,7 @@ from .memory import (check_switches, encoder_dtype, every_kth_checkpointing, fp8
                      make_optimizer)
 from .metrics import MetricsLog
 from .outputs import save_outputs
+from .summary import run_summary
 
 log = logging.getLogger("cogtune")
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -210,6 +211,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     params = prepare_model(spec, cfg, device)
     transformer = spec.transformer
+    if main:
+        tqdm.write(run_summary(cfg, spec.variant_name, transformer, data, world, device, resume_from))
     o, in_backward = cfg.optimizer, cfg.memory.optimizer_in_backward
     optimizer = make_optimizer(params, o, in_backward)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor

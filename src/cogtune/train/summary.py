@@ -1,0 +1,47 @@
+"""What a run is about to do, printed once before the first step: worth reading before hours of training."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+SWITCHES = ("gradient_checkpointing", "activation_offload", "fp8_weights", "block_offload", "optimizer_in_backward",
+            "stream_text_encoder")
+
+
+def _count(n: int) -> str:
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def run_summary(cfg, variant: str, transformer, data, world: int, device, resume_from=None) -> str:
+    trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in transformer.parameters())
+    if cfg.method == "lora":
+        method = f"LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)}"
+    else:
+        method = "full fine-tune"
+    buckets = Counter(data.buckets)
+    shapes = ", ".join(f"{f}×{h}×{w}: {n}" for (h, w, f), n in sorted(buckets.items(), key=lambda kv: -kv[1]))
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
+    epochs = cfg.max_steps * per_step / max(len(data.dataset), 1)
+    m = cfg.memory
+    switches = [name for name in SWITCHES if getattr(m, name)]
+    if m.gradient_checkpointing and m.checkpointing_every > 1:
+        switches[0] += f" (every {m.checkpointing_every})"
+    switches += [cfg.optimizer.name] if cfg.optimizer.name != "adamw" else []
+    every = cfg.checkpoint.every_steps
+    result = "lora/pytorch_lora_weights.safetensors" if cfg.method == "lora" else "transformer/"
+    start = f"; resuming from {resume_from}" if resume_from else ""
+    return "\n".join([
+        f"model   {variant}, {method}: {_count(trainable)} of {_count(total)} parameters train",
+        f"data    {len(data.dataset)} clips ready, {len(data.skipped)} skipped; frames×height×width: {shapes}",
+        f"steps   {cfg.max_steps}, {per_step} clip{'s' if per_step > 1 else ''} each (batch {cfg.batch_size} × accumulation "
+        f"{cfg.gradient_accumulation_steps} × {world} process{'es' if world > 1 else ''}) ≈ {epochs:.1f} epochs{start}",
+        f"memory  {', '.join(switches) or 'no switches'}; {device.type}, mixed precision {cfg.mixed_precision}, "
+        f"strategy {cfg.distributed.strategy}",
+        f"output  {cfg.output_dir}/: {result}, "
+        + (f"checkpoint-N/ every {every} steps" if every else "no checkpoints (checkpoint.every_steps: 0)")
+        + ", logs/ (metrics.jsonl, TensorBoard)",
+    ])

@@ -1,0 +1,32 @@
+"""The summary printed before the first step states what the run will do, in numbers derived here independently."""
+
+from __future__ import annotations
+
+import re
+
+from safetensors.torch import load_file
+
+from cogtune.cli import main
+from conftest import tiny_train_config
+
+
+def test_summary_states_the_run(tiny_model, synth_data, tmp_path, capsys):
+    import yaml
+
+    cfg = tiny_train_config(tiny_model("cogvideox-5b"), synth_data, tmp_path / "run", max_steps=3,
+                            gradient_accumulation_steps=2, lora__rank=4, lora__alpha=2,
+                            memory__gradient_checkpointing=True, checkpoint__every_steps=2)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    lora = load_file(str(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"))
+    trainable = sum(t.numel() for t in lora.values())  # what trained is exactly what was saved
+    clips = len((synth_data / "videos.txt").read_text().split())
+    assert re.search(rf"LoRA rank 4, alpha 2 on .*: {trainable / 1e3:.1f}k of ", text), text
+    assert f"data    {clips} clips ready, 0 skipped" in text
+    size = f"{cfg.data.frames}×{cfg.data.height}×{cfg.data.width}: {clips}"
+    assert size in text
+    assert f"steps   3, 2 clips each (batch 1 × accumulation 2 × 1 process) ≈ {3 * 2 / clips:.1f} epochs" in text
+    assert "memory  gradient_checkpointing;" in text and "checkpoint-N/ every 2 steps" in text
