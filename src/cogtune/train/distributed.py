@@ -114,8 +114,8 @@ def make_accelerator(cfg) -> Accelerator:
         from accelerate.utils import DeepSpeedPlugin
 
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg))
-        if on_cpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if on_cpu:  # else DeepSpeed, if installed, guesses (and warns that it guessed) on any run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     fsdp = None
     if strategy == "fsdp2":
         from accelerate.utils import FullyShardedDataParallelPlugin
