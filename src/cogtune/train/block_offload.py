@@ -97,14 +97,14 @@ class BlockOffload:
             if i in self.ahead:
                 tensors, ready = self.ahead.pop(i)
                 self.ready += 1
-                if ready is not None:  # the compute stream waits for the copy; the allocator learns the new user
-                    compute = torch.cuda.current_stream(self.device)
-                    compute.wait_event(ready)
-                    for t in tensors:
-                        t.record_stream(compute)
             else:
-                tensors, _ = self._copy(i)
+                tensors, ready = self._copy(i)
                 self.sync_copies += 1
+            if ready is not None:  # the compute stream waits for the copy; the allocator learns the new user
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(ready)
+                for t in tensors:
+                    t.record_stream(compute)
             self._point(i, tensors)
             self.resident = i
         self.ahead.clear()  # wrong guesses
