@@ -139,3 +139,15 @@ def test_not_a_dataset(tmp_path: Path) -> None:
         load_dataset(tmp_path)
     with pytest.raises(CogtuneError, match=r"notes\.md is not a dataset file"):
         load_dataset(tmp_path / "notes.md")
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_csv_with_semicolons_or_tabs(root: Path, delimiter: str) -> None:
+    """Excel in comma-decimal locales writes ';', some tools write tabs: the header line tells which."""
+    expected = sorted(((root / rel).resolve(), cap) for rel, cap in CLIPS.items())
+    with open(root / "metadata.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, ["video", "caption"], delimiter=delimiter)
+        w.writeheader()
+        w.writerows({"video": v, "caption": c} for v, c in CLIPS.items())  # one caption holds a comma
+    samples = load_dataset(root / "metadata.csv")
+    assert pairs(samples) == expected and all(s.ok for s in samples)

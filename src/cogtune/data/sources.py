@@ -247,7 +247,9 @@ def read_table(path: str | os.PathLike, check_exists: bool = True) -> DatasetLis
                 continue
             rows.append((f"line {n} of {path}", obj))
     else:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        first = text.split("\n", 1)[0]  # Excel writes ';' where ',' is the decimal mark; some tools write tabs
+        delimiter = next((d for d in (",", ";", "\t") if d in first), ",")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         header = [h.strip() for h in reader.fieldnames or []]
         reader.fieldnames = header
         if not any(c in header for c in VIDEO_COLUMNS) or not any(c in header for c in CAPTION_COLUMNS):
