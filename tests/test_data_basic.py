@@ -170,6 +170,8 @@ def test_official_layout_errors(tmp_path: Path) -> None:
         load_official(tmp_path)
     (tmp_path / "prompts.txt").write_text("one\r\ntwo\r\nthree\r\n\r\n", encoding="utf-8")
     assert [s.caption for s in load_official(tmp_path)] == ["one", "two", "three"]
+    (tmp_path / "prompts.txt").write_bytes(b"one\rtwo\rthree\r")  # old Mac line ends
+    assert [s.caption for s in load_official(tmp_path)] == ["one", "two", "three"]
     (tmp_path / "prompts.txt").write_text("one\n\nthree\n", encoding="utf-8")
     with pytest.raises(CogtuneError, match=r"prompts\.txt line 2 is blank"):
         load_official(tmp_path)

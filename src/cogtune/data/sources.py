@@ -89,6 +89,7 @@ def _read_list(path: Path) -> list[tuple[str, str | None]]:
         raise CogtuneError(f"cannot read {path}: {e.strerror}; check the path and permissions") from e
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
+    raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")  # Windows and old-Mac line ends too
     lines = [_decode(line, f"{path} line {n}") for n, line in enumerate(raw.split(b"\n"), start=1)]
     lines = [(text.strip(), bad) for text, bad in lines]
     while lines and not lines[-1][0] and not lines[-1][1]:
