@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,18 @@ def test_synth_dataset_round_trip(tmp_path: Path) -> None:
     with pytest.raises(CogtuneError, match="not empty"):
         write_synth_dataset(root, clips=2)
     assert len(write_synth_dataset(root, clips=2, overwrite=True)) == 2
+
+
+def test_synth_cli_refusal_names_a_flag_that_works(tmp_path: Path, capsys) -> None:
+    from cogtune.cli import main
+
+    root = tmp_path / "data"
+    assert main(["data", "synth", str(root), "--clips", "1"]) == 0
+    assert main(["data", "synth", str(root), "--clips", "1"]) == 2
+    err = capsys.readouterr().err
+    flags = re.findall(r"(?<![\w-])--[a-z][a-z-]*", err)
+    assert flags, err  # on the command line the way out is a flag, not a Python keyword argument
+    assert main(["data", "synth", str(root), "--clips", "1", *flags]) == 0
 
 
 def test_dataset_items(tmp_path: Path) -> None:

@@ -193,8 +193,10 @@ def test_resume_errors_are_one_line(config, tmp_path, capsys):
     assert main(["train", str(config), "max_steps=2", "checkpoint.every_steps=2", f"output_dir={tmp_path}"]) == 0
     capsys.readouterr()
     assert main(["train", str(config), "lora.rank=4", "resume=latest", f"output_dir={tmp_path}"]) == 2
-    err = capsys.readouterr().err.strip()
+    out = capsys.readouterr()
+    err = out.err.strip()
     assert len(err.splitlines()) == 1 and "lora.rank" in err
+    assert "model " not in out.out  # refused before any loading: no run summary
 
 
 def test_a_fresh_run_never_mixes_with_an_earlier_one(config, tmp_path, capsys):

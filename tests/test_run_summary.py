@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from safetensors.torch import load_file
 
 from cogtune.cli import main
 from conftest import tiny_train_config
+
+pytestmark = pytest.mark.slow
 
 
 def test_summary_states_the_run(tiny_model, synth_data, tmp_path, capsys):
@@ -30,3 +33,15 @@ def test_summary_states_the_run(tiny_model, synth_data, tmp_path, capsys):
     assert size in text
     assert f"steps   3, 2 clips each (batch 1 × accumulation 2 × 1 process) ≈ {3 * 2 / clips:.1f} epochs" in text
     assert "memory  gradient_checkpointing;" in text and "checkpoint-N/ every 2 steps" in text
+
+
+def test_two_runs_in_one_process(tiny_model, synth_data, tmp_path, capsys):
+    """A notebook or script may cache in bf16, then train in fp32, in one Python process."""
+    import yaml
+
+    for i, (command, precision) in enumerate([("data cache", "bf16"), ("train", "no"), ("train", "bf16")]):
+        cfg = tiny_train_config(tiny_model("cogvideox-2b"), synth_data, tmp_path / f"run{i}", max_steps=1,
+                                mixed_precision=precision)
+        config = tmp_path / f"run{i}.yaml"
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        assert main([*command.split(), str(config)]) == 0, capsys.readouterr().err

@@ -49,7 +49,7 @@ class DataConfig(_Section):
     short_clips: Literal["skip", "pad_last", "loop", "slow", "interpolate", "smaller"] = "skip"
     crop: Literal["center", "random", "stretch"] = "center"
     buckets: BucketConfig | None = None
-    cache_dir: Path | None = None  # None: {output_dir}/cache
+    cache_dir: Path | None = None  # None: {dataset folder}/.cogtune_cache ({output_dir}/cache if not writable)
     num_workers: int = Field(2, ge=0)
     # cached latents and text embeddings kept in RAM after their first read, up to this many GiB per process
     # (0: read from disk at every step; reads happen on a prefetch thread either way)
@@ -111,9 +111,9 @@ class SFTConfig(_Section):
 
 class MemoryConfig(_Section):
     # Speed cost of each switch (typical figures until BENCHMARKS.md has GPU rows): gradient checkpointing +25-35%
-    # step time (scaled by the share of blocks checkpointed), fp8 weight storage +5-10%, block offload +10-40% (PCIe
-    # bound, no prefetch), activation offload +5-15%, 8-bit AdamW ~0%, optimizer in backward ~0%, encoder offload,
-    # bf16 encoders and T5 streaming 0% once the cache is built.
+    # step time (scaled by the share of blocks checkpointed), fp8 weight storage +5-10%, block offload (the next
+    # block is prefetched: only the PCIe time compute does not hide), activation offload +5-15%, 8-bit AdamW ~0%,
+    # optimizer in backward ~0%, encoder offload, bf16 encoders and T5 streaming 0% once the cache is built.
     gradient_checkpointing: bool = False
     checkpointing_every: int = Field(1, ge=1)  # with gradient_checkpointing: checkpoint blocks 0, k, 2k, ...
     # with gradient_checkpointing: the inputs each checkpointed block keeps for backward wait in host RAM instead

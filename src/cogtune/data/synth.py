@@ -90,7 +90,8 @@ def write_synth_dataset(root: str | os.PathLike, clips: int = 8, seed: int = 0, 
     if root.exists() and not root.is_dir():
         raise CogtuneError(f"synthetic dataset root {root} is a file; give a folder path")
     if root.is_dir() and any(root.iterdir()) and not overwrite:
-        raise CogtuneError(f"synthetic dataset root {root} is not empty; give a new folder or pass overwrite=True")
+        raise CogtuneError(f"synthetic dataset root {root} is not empty; give a new folder or pass --overwrite "
+                           "(overwrite=True)")
     if clips < 1:
         raise CogtuneError(f"clips must be at least 1 (got {clips})")
     rng = np.random.default_rng(seed)

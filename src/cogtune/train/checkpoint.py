@@ -164,9 +164,13 @@ def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, conf
     return final
 
 
+def check_resumable(path: Path, current_config: dict) -> None:
+    """A checkpoint only continues the run that wrote it: said before anything is loaded or cached."""
+    check_compatible(json.loads((path / "config.json").read_text()), current_config, path)
+
+
 def load_checkpoint(accelerator, path: Path, current_config: dict, sharded: tuple | None = None) -> dict:
-    saved_cfg = json.loads((path / "config.json").read_text())
-    check_compatible(saved_cfg, current_config, path)
+    check_resumable(path, current_config)
     if sharded:
         load_sharded(path, *sharded)
     else:

@@ -98,6 +98,11 @@ def _force_fsdp_on_cpu(plugin, mixed_precision: str) -> None:
 def make_accelerator(cfg) -> Accelerator:
     import torch
 
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps its settings for the life of the process: a second run in one Python session (a notebook,
+    # `data cache` then `train`) may ask for another mixed precision or strategy
+    AcceleratorState._reset_state()
     strategy = cfg.distributed.strategy
     on_cpu = not torch.cuda.is_available()
     if strategy in DEEPSPEED or strategy == "fsdp2":

@@ -28,9 +28,9 @@ from ..data.buckets import BucketBatchSampler
 from ..errors import CogtuneError
 from ..models import load_spec, resolve_variant
 from .block_offload import block_offload
-from .checkpoint import (check_fresh_output, install_trainable_only_hooks, load_checkpoint, resolve_resume,
-                         save_checkpoint)
-from .distributed import is_sharded, make_accelerator
+from .checkpoint import (check_fresh_output, check_resumable, install_trainable_only_hooks, load_checkpoint,
+                         resolve_resume, save_checkpoint)
+from .distributed import is_sharded, make_accelerator, world_size
 from .encode import collate, prepare_data
 from .memory import (check_switches, encoder_dtype, every_kth_checkpointing, fp8_storage,
                      make_optimizer)
@@ -181,16 +181,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     problem = variant.check_frames(cfg.data.frames)
     if problem:
         raise CogtuneError(f"data.frames={cfg.data.frames}: {problem}")
+    check_switches(cfg, world_size())  # before any process group exists
     accelerator = make_accelerator(cfg)
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise CogtuneError("mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
     set_seed(cfg.seed)
     main, device, world, rank = (accelerator.is_main_process, accelerator.device, accelerator.num_processes,
                                  accelerator.process_index)
-    check_switches(cfg, world)
     out = Path(cfg.output_dir)
     run_config = cfg.model_dump(mode="json") | {"world_size": world}
     resume_from = resolve_resume(cfg.resume, out)  # before anything is written: a bad path fails fast
+    if resume_from is not None:
+        check_resumable(resume_from, run_config)
     stale = check_fresh_output(out, cfg.overwrite) if cfg.resume is None else []
     accelerator.wait_for_everyone()  # every rank has looked before the main one changes anything
     if main:
