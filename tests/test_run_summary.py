@@ -45,3 +45,15 @@ def test_two_runs_in_one_process(tiny_model, synth_data, tmp_path, capsys):
         config = tmp_path / f"run{i}.yaml"
         config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         assert main([*command.split(), str(config)]) == 0, capsys.readouterr().err
+
+
+def test_memory_forecast_warns_before_a_run_that_will_not_fit(tiny_model, synth_data, tmp_path):
+    from cogtune.plan import GiB, plan_memory
+    from cogtune.train.summary import memory_forecast
+
+    cfg = tiny_train_config(tiny_model("cogvideox-5b"), synth_data, tmp_path / "run")
+    peak = plan_memory(cfg, world_size=1, device="cuda", propose=False).total
+    line, fits = memory_forecast(cfg, 1, int(80 * GiB))
+    assert fits and f"predicted peak {peak / GiB:.1f} GiB" in line and "80.0 GiB" in line
+    line, fits = memory_forecast(cfg, 1, int(peak * 0.9))  # a GPU smaller than the peak
+    assert not fits and "run out of memory" in line and "cogtune plan" in line

@@ -36,7 +36,7 @@ from .memory import (check_switches, encoder_dtype, every_kth_checkpointing, fp8
                      make_optimizer)
 from .metrics import MetricsLog
 from .outputs import save_outputs
-from .summary import run_summary
+from .summary import memory_forecast, run_summary
 
 log = logging.getLogger("cogtune")
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -188,6 +188,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     set_seed(cfg.seed)
     main, device, world, rank = (accelerator.is_main_process, accelerator.device, accelerator.num_processes,
                                  accelerator.process_index)
+    if main and device.type == "cuda":
+        forecast = memory_forecast(cfg, world, torch.cuda.get_device_properties(device).total_memory)
+        if forecast:
+            (tqdm.write if forecast[1] else log.warning)(forecast[0])
     out = Path(cfg.output_dir)
     run_config = cfg.model_dump(mode="json") | {"world_size": world}
     resume_from = resolve_resume(cfg.resume, out)  # before anything is written: a bad path fails fast

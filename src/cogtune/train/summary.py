@@ -45,3 +45,20 @@ def run_summary(cfg, variant: str, transformer, data, world: int, device, resume
         + (f"checkpoint-N/ every {every} steps" if every else "no checkpoints (checkpoint.every_steps: 0)")
         + ", logs/ (metrics.jsonl, TensorBoard)",
     ])
+
+
+def memory_forecast(cfg, world: int, gpu_bytes: int) -> tuple[str, bool] | None:
+    """(one line, fits) of the planner's peak for this run against the GPU's memory, said before any loading or
+    caching; None if the planner cannot tell (it must never stop a run)."""
+    from ..plan import GiB, plan_memory
+
+    try:
+        plan = plan_memory(cfg, world_size=world, device="cuda", propose=False)
+    except Exception:  # noqa: BLE001 - a forecast, not a gate
+        return None
+    gpu = gpu_bytes / GiB
+    line = f"plan    predicted peak {plan.total / GiB:.1f} GiB per GPU ({plan.phase}); this GPU has {gpu:.1f} GiB"
+    if plan.fits(gpu):
+        return line, True
+    return (line + f": it will likely run out of memory; `cogtune plan CONFIG --gpu-memory {gpu:.0f}GB` proposes "
+                   "switches that fit"), False
