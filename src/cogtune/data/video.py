@@ -13,6 +13,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from av.video.reformatter import VideoReformatter
 
 from cogtune.data.frames import FramePlan, plan_frames
 from cogtune.errors import CogtuneError
@@ -115,9 +116,11 @@ def _seek_start(container: av.container.InputContainer, stream: av.video.stream.
     return -1  # the index of the next frame is read from its timestamp
 
 
-def _to_rgb(frame: av.VideoFrame, autorotate: bool, scale: Callable[[int, int], tuple[int, int]] | None) -> np.ndarray:
+def _to_rgb(frame: av.VideoFrame, autorotate: bool, scale: Callable[[int, int], tuple[int, int]] | None,
+            reformatter: VideoReformatter) -> np.ndarray:
     """uint8 [H, W, 3], upright if autorotate; `scale(h, w)` (of the upright frame) gives the size to resize to,
-    done by swscale while converting (bilinear, several times faster than resizing float tensors)."""
+    done by swscale while converting (bilinear, several times faster than resizing float tensors). One reformatter
+    per clip keeps swscale's context (its filters) from frame to frame."""
     k = round((getattr(frame, "rotation", 0) or 0) / 90) % 4 if autorotate else 0
     h, w = (frame.height, frame.width) if k % 2 == 0 else (frame.width, frame.height)
     th, tw = scale(h, w) if scale else (h, w)
@@ -125,7 +128,7 @@ def _to_rgb(frame: av.VideoFrame, autorotate: bool, scale: Callable[[int, int], 
         img = frame.to_ndarray(format="rgb24")
     else:
         sh, sw = (th, tw) if k % 2 == 0 else (tw, th)  # the stored frame is resized before it is turned
-        img = frame.to_ndarray(format="rgb24", width=sw, height=sh, interpolation="BILINEAR")
+        img = reformatter.reformat(frame, width=sw, height=sh, format="rgb24", interpolation="BILINEAR").to_ndarray()
     return _rotate(img, 90 * k)
 
 
@@ -133,6 +136,7 @@ def _decode(path: PathLike, wanted: set[int], autorotate: bool, seek: bool = Tru
             scale: Callable[[int, int], tuple[int, int]] | None = None) -> tuple[dict[int, np.ndarray], int]:
     """Decode frames `wanted` (RGB uint8); return them and how many frames were seen. Stops after the last one."""
     got: dict[int, np.ndarray] = {}
+    reformatter = VideoReformatter()
     last, seen = max(wanted), 0
     with _open(path) as container:
         stream = container.streams.video[0]
@@ -148,7 +152,7 @@ def _decode(path: PathLike, wanted: set[int], autorotate: bool, seek: bool = Tru
                     i = round((frame.pts - t0) * tb * rate)
                 seen = i + 1
                 if i in wanted:
-                    got[i] = _to_rgb(frame, autorotate, scale)
+                    got[i] = _to_rgb(frame, autorotate, scale, reformatter)
                 if i >= last:
                     break
                 i += 1
