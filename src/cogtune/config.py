@@ -143,6 +143,30 @@ class MemoryConfig(_Section):
         return "bf16" if cuda and mixed_precision != "no" and bf16_supported else "fp32"
 
 
+def switch_conflicts(*, lora: bool, checkpointing: bool, activation_offload: bool, fp8_weights: bool,
+                     block_offload: bool, optimizer_in_backward: bool, world: int, strategy: str, accumulation: int,
+                     clipping: bool, fp16: bool) -> list[str]:
+    """Why `cogtune train` refuses a combination of memory switches (empty: it does not). One list for the trainer,
+    which raises the first, and the planner, which notes them all."""
+    why = []
+    if activation_offload and not checkpointing:
+        why.append("memory.activation_offload moves what checkpointed blocks keep to the host: it needs "
+                   "memory.gradient_checkpointing: true")
+    for on, name, what in ((fp8_weights, "fp8_weights", "stores frozen weights in fp8"),
+                           (block_offload, "block_offload", "keeps frozen weights on the host")):
+        if on and not lora:
+            why.append(f"memory.{name} {what}; method: sft trains every weight, so it needs method: lora")
+    if optimizer_in_backward:
+        for what, present in (("several processes (gradients must be reduced first)", world > 1 or strategy != "auto"),
+                              ("gradient_accumulation_steps > 1", accumulation > 1),
+                              ("optimizer.max_grad_norm (clipping needs all gradients; set it to null)", clipping),
+                              ("mixed_precision: fp16 (the loss scaler unscales all gradients at once)", fp16)):
+            if present:
+                why.append(f"memory.optimizer_in_backward steps each parameter during backward: it cannot work "
+                           f"with {what}")
+    return why
+
+
 class ValidationConfig(_Section):
     every_steps: int = Field(0, ge=0)  # 0 = only before and after training
     heldout_loss: bool = True  # loss on fixed clips, latents, noise and timesteps: before, every_steps, at the end

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from ..config import TrainConfig
+from ..config import TrainConfig, switch_conflicts
 from ..errors import CogtuneError
 
 GiB = float(2**30)
@@ -312,16 +312,12 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
     sft, cuda = cfg.method == "sft", device == "cuda"
     c = {"no": 4, "bf16": 2, "fp16": 2}[cfg.mixed_precision]
     n = 4 if (cuda and c < 4) else c  # LayerNorm output bytes: CUDA autocast runs layer_norm in fp32
-    notes: list[str] = []
-    if sft and (s.fp8_weights or s.block_offload):
-        notes.append("fp8_weights/block_offload apply to frozen weights, which SFT has none of: cogtune train "
-                     "refuses this config")
-    if s.activation_offload and not s.gradient_checkpointing:
-        notes.append("activation_offload needs gradient_checkpointing: cogtune train refuses this config")
-    clipping = switches is None and cfg.optimizer.max_grad_norm  # proposals set max_grad_norm: null themselves
-    if s.optimizer_in_backward and (world > 1 or s.strategy != "auto" or s.accumulation > 1 or clipping):
-        notes.append("optimizer_in_backward runs on one process, without accumulation or clipping (max_grad_norm: "
-                     "null): cogtune train refuses this config")
+    clipping = switches is None and bool(cfg.optimizer.max_grad_norm)  # proposals set max_grad_norm: null themselves
+    notes = [f"{why}; cogtune train refuses this config" for why in switch_conflicts(
+        lora=not sft, checkpointing=s.gradient_checkpointing, activation_offload=s.activation_offload,
+        fp8_weights=s.fp8_weights, block_offload=s.block_offload, optimizer_in_backward=s.optimizer_in_backward,
+        world=world, strategy=s.strategy, accumulation=s.accumulation, clipping=clipping,
+        fp16=cfg.mixed_precision == "fp16")]
     fp8, offload = s.fp8_weights and not sft, s.block_offload and not sft
     tokens, batch, L = _tokens(cfg, st), s.batch_size, st.layers
     n_ckpt = math.ceil(L / s.checkpointing_every) if s.gradient_checkpointing else 0

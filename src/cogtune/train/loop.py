@@ -32,8 +32,7 @@ from .checkpoint import (check_fresh_output, check_resumable, install_trainable_
                          resolve_resume, save_checkpoint)
 from .distributed import is_sharded, make_accelerator, world_size
 from .encode import collate, prepare_data
-from .memory import (check_switches, encoder_dtype, every_kth_checkpointing, fp8_storage,
-                     make_optimizer)
+from .memory import check_switches, encoder_dtype, every_kth_checkpointing, fp8_storage, make_optimizer
 from .metrics import MetricsLog
 from .outputs import save_outputs
 from .summary import memory_forecast, run_summary

@@ -7,6 +7,7 @@ import importlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..config import switch_conflicts
 from ..errors import CogtuneError
 
 FP8_SKIP = ("patch_embed", "norm", "lora_", "proj_out", "pos_embedding", "time_embedding", "ofs_embedding")
@@ -127,24 +128,14 @@ def _step_and_free(opt: torch.optim.Optimizer) -> None:
 
 def check_switches(cfg, world: int) -> None:
     """Refuse switch combinations that cannot work, before anything is loaded or cached."""
-    m, lora = cfg.memory, cfg.method == "lora"
-    if m.activation_offload and not m.gradient_checkpointing:
-        raise CogtuneError("memory.activation_offload moves what checkpointed blocks keep to the host: it needs "
-                           "memory.gradient_checkpointing: true")
-    for name, what in (("fp8_weights", "stores frozen weights in fp8"), ("block_offload", "keeps frozen weights on "
-                                                                                          "the host")):
-        if getattr(m, name) and not lora:
-            raise CogtuneError(f"memory.{name} {what}; method: sft trains every weight, so it needs method: lora")
-    if not m.optimizer_in_backward:
-        return
-    why = [("several processes (gradients must be reduced first)", world > 1 or cfg.distributed.strategy != "auto"),
-           ("gradient_accumulation_steps > 1", cfg.gradient_accumulation_steps > 1),
-           ("optimizer.max_grad_norm (clipping needs all gradients; set it to null)", cfg.optimizer.max_grad_norm),
-           ("mixed_precision: fp16 (the loss scaler unscales all gradients at once)", cfg.mixed_precision == "fp16")]
-    for what, present in why:
-        if present:
-            raise CogtuneError(f"memory.optimizer_in_backward steps each parameter during backward: it cannot work "
-                               f"with {what}")
+    m = cfg.memory
+    why = switch_conflicts(lora=cfg.method == "lora", checkpointing=m.gradient_checkpointing,
+                           activation_offload=m.activation_offload, fp8_weights=m.fp8_weights,
+                           block_offload=m.block_offload, optimizer_in_backward=m.optimizer_in_backward, world=world,
+                           strategy=cfg.distributed.strategy, accumulation=cfg.gradient_accumulation_steps,
+                           clipping=bool(cfg.optimizer.max_grad_norm), fp16=cfg.mixed_precision == "fp16")
+    if why:
+        raise CogtuneError(why[0])
 
 
 def make_optimizer(params, o, in_backward: bool = False) -> torch.optim.Optimizer:
