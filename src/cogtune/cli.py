@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .errors import CogtuneError
+from .errors import CogtuneError, one_line, os_error_text
 
 
 def _cmd_tiny(args) -> None:
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as escapes, never crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if "--debug" not in (sys.argv[1:] if argv is None else argv):
         # bitsandbytes (imported by diffusers when installed) warns about 4-bit CPU kernels cogtune never uses
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -174,11 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     except CogtuneError as e:
         if args.debug:
             raise
-        print(f"cogtune: error: {e}", file=sys.stderr)
+        print(f"cogtune: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cogtune: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, read-only, permissions, ...: the file and what to do, not a traceback
+        if args.debug:
+            raise
+        print(f"cogtune: error: {one_line(os_error_text(e))}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug of ours or a library's: still one line, and how to see more
+        if args.debug:
+            raise
+        print(f"cogtune: internal error: {type(e).__name__}: {one_line(str(e))} "
+              "(run with --debug for the traceback and please report it)", file=sys.stderr)
+        return 1
     if args.debug:
         print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return 0

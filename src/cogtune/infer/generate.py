@@ -20,7 +20,6 @@ import torch
 
 from ..data.video import write_mp4
 from ..errors import CogtuneError
-from ..models.cogvideox import resolve_variant
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
@@ -67,6 +66,8 @@ def parse_loras(texts: Sequence[str]) -> list[LoraSpec]:
 
 def default_size(model_dir: Path) -> tuple[int, int, int, int]:
     """(frames, height, width, fps): the variant's native ones, or the tiny model's own."""
+    from ..models.cogvideox import resolve_variant
+
     variant = resolve_variant(model_dir)
     tiny = Path(model_dir) / "cogtune_tiny.json"
     if tiny.is_file():
@@ -98,6 +99,8 @@ def _given_or(value, default):
 def resolve_settings(model_dir: str | Path, settings: Settings) -> Settings:
     """Defaults from the variant; a wrong image/frames/size combination is one line, before any weight is read."""
     model_dir = Path(model_dir)
+    from ..models.cogvideox import resolve_variant
+
     variant = resolve_variant(model_dir)
     d_frames, d_height, d_width, d_fps = default_size(model_dir)
     s = replace(settings, frames=_given_or(settings.frames, d_frames), height=_given_or(settings.height, d_height),
@@ -180,6 +183,8 @@ def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype:
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     model_dir = Path(model_dir)
+    from ..models.cogvideox import resolve_variant
+
     resolve_variant(model_dir)  # clear error for a folder that is not a CogVideoX pipeline
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise CogtuneError(f"device {device}: no CUDA GPU is available here; leave the device unset to use the CPU")
