@@ -32,6 +32,15 @@ def _inputs(model):
                 timestep=torch.tensor([500], device=device), return_dict=False)
 
 
+def assert_same_gradient(got: torch.Tensor, want: torch.Tensor, msg: str) -> None:
+    """Equal up to reduction order. The host copies live at other addresses, and CPU matmul kernels pick their
+    vectorised reduction order by alignment, so the same arithmetic may round differently in the last bits (seen:
+    1.5e-11 on values ~1e-4). 16 fp32 ulps of the tensor's scale covers that; a wrong or stale block's weights, or a
+    read of the poisoned host copies (NaN), is off by orders of magnitude more."""
+    eps = torch.finfo(want.dtype).eps
+    torch.testing.assert_close(got, want, rtol=16 * eps, atol=16 * eps * float(want.abs().max()), msg=msg)
+
+
 def _grads(model, check=None):
     out = model(**_inputs(model))[0]
     if check:
@@ -71,7 +80,7 @@ def test_gradients_equal_the_resident_model(tiny_model, checkpointing):
     want, got = _grads(plain), _grads(offloaded, after_forward)
     assert want.keys() == got.keys() and len(want) > 0
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+        assert_same_gradient(got[name], want[name], name)
     # a checkpoint's recompute stops before the block's forward ends: the first block may still be resident, no other
     assert on_device() <= ({"0"} if checkpointing else set())
     assert len(offloaded.transformer_blocks) > 1
@@ -98,8 +107,8 @@ def test_prefetch_serves_every_onload_once_the_order_is_known(tiny_model, device
         before = hooks.sync_copies + hooks.ready
         got = _grads(offloaded)
         assert hooks.sync_copies + hooks.ready - before == onloads
-        for name in want:  # prefetched weights are the right block's: the gradients stay bit-equal
-            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=f"step {step}: {name}")
+        for name in want:  # prefetched weights are the right block's
+            assert_same_gradient(got[name], want[name], f"step {step}: {name}")
         if step == 1:
             copies = hooks.sync_copies
     assert hooks.sync_copies == copies  # steps 2 and 3: no onload had to wait for a copy

@@ -168,16 +168,21 @@ def test_wrapper_prefixes_are_stripped():
     assert _name_prefix(["_orig_mod.proj_out.weight", "other.norm_out.linear.bias"], expected) == ""  # not common
 
 
-def test_pickles_load_weights_only_else_warn_once(tmp_path, caplog):
-    from fractions import Fraction  # not on torch's weights-only allowlist: forces the fallback
+def test_pickles_load_weights_only_unless_trusted(tmp_path, caplog):
+    from fractions import Fraction  # not on torch's weights-only allowlist nor ours
+
+    from cogtune import pickles
 
     torch.save({"t": torch.ones(2)}, tmp_path / "plain.pt")
     assert torch.equal(load_checkpoint_file(tmp_path / "plain.pt")["t"], torch.ones(2))
     assert not caplog.records
     torch.save({"odd": Fraction(1, 3)}, tmp_path / "odd.pt")
-    assert load_checkpoint_file(tmp_path / "odd.pt")["odd"] == Fraction(1, 3)
+    with pytest.raises(CogtuneError, match="odd.pt pickles fractions.Fraction.*pass --unsafe-pickle"):
+        load_checkpoint_file(tmp_path / "odd.pt")
+    with pickles.trusting(True):
+        assert load_checkpoint_file(tmp_path / "odd.pt")["odd"] == Fraction(1, 3)
     (warning,) = caplog.records
-    assert "fractions.Fraction" in warning.getMessage() and "weights_only=False" in warning.getMessage()
+    assert "fractions.Fraction" in warning.getMessage() and "--unsafe-pickle" in warning.getMessage()
     (tmp_path / "cut.pt").write_bytes((tmp_path / "plain.pt").read_bytes()[:100])
     with pytest.raises(CogtuneError, match="cut.pt.*damaged or incomplete") as err:
         load_checkpoint_file(tmp_path / "cut.pt")

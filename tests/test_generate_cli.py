@@ -71,9 +71,9 @@ def test_generate_option_errors(tiny_model, tmp_path, capsys, extra, expect):
 
 
 @pytest.mark.parametrize("extra, expect", [
-    (["--frames", "0"], "not 0"),  # 0 is not "unset": it must not fall back to the native count
-    (["--height", "-16"], "--height -16: give a positive number"),
-    (["--fps", "0"], "--fps 0: give a positive number"),
+    (["--frames", "0"], "--frames: give a whole number from 1"),  # 0 is not "unset": no fallback to the native count
+    (["--height", "-16"], "--height: give a whole number from 16 to 4096, not -16"),
+    (["--fps", "0"], "--fps: give a whole number from 1"),
     (["--guidance-scale", "nan"], "finite"),
 ])
 def test_zero_negative_and_nan_settings_are_refused(tiny_model, tmp_path, capsys, extra, expect):

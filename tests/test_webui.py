@@ -17,17 +17,19 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 TIMEOUT = 10
 
 
-def get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
+def get(server, path: str, headers: dict | None = None, token: bool = True) -> tuple[int, bytes]:
+    """GET as the page does: with the server's token unless `token` is False."""
+    headers = {**({"X-Cogtune-Token": server.token} if token else {}), **(headers or {})}
     try:
-        with OPENER.open(urllib.request.Request(url, headers=headers or {}), timeout=TIMEOUT) as r:
+        with OPENER.open(urllib.request.Request(server.url + path, headers=headers), timeout=TIMEOUT) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
 
 
-def post(url: str, data: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(data).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+def post(server, data: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(server.url + "/api/generate", data=json.dumps(data).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "X-Cogtune-Token": server.token})
     try:
         with OPENER.open(req, timeout=TIMEOUT) as r:
             return r.status, json.loads(r.read())
@@ -35,10 +37,10 @@ def post(url: str, data: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def wait_done(url: str, limit_s: float = 60.0) -> dict:
+def wait_done(server, limit_s: float = 60.0) -> dict:
     deadline = time.monotonic() + limit_s
     while True:
-        status = json.loads(get(f"{url}/api/status")[1])
+        status = json.loads(get(server, "/api/status")[1])
         if status["state"] in ("done", "error"):
             return status
         assert time.monotonic() < deadline, f"job not done after {limit_s:.0f} s: {status}"
@@ -58,36 +60,36 @@ def server(tiny_model, tmp_path):
 
 def test_page_job_status_and_video(server, tiny_model, tmp_path):
     assert server.server_address[0] == "127.0.0.1"
-    code, page = get(server.url + "/")
+    code, page = get(server, "/", token=False)
     assert code == 200 and b"Generate" in page and str(tiny_model("cogvideox-5b")).encode() in page
-    assert json.loads(get(server.url + "/api/status")[1]) == {"state": "idle"}
+    assert json.loads(get(server, "/api/status")[1]) == {"state": "idle"}
 
-    code, reply = post(server.url + "/api/generate", {
+    code, reply = post(server, {
         "model": str(tiny_model("cogvideox-5b")), "prompt": "a red circle moving left", "steps": "2", "seed": "1",
         "frames": "9", "guidance_scale": "6", "loras": "", "image": None, "compare": False})
     assert code == 202, reply
-    status = wait_done(server.url)
+    status = wait_done(server)
     assert status["state"] == "done", status
     assert status["id"] == reply["job"] and status["step"] == status["steps"] == 2
 
-    code, data = get(server.url + status["video"])
+    code, data = get(server, status["video"])
     assert code == 200
     (tmp_path / "got.mp4").write_bytes(data)
     info = probe(tmp_path / "got.mp4")
     assert (info.frames, info.height, info.width) == (9, 32, 48)
 
-    code, part = get(server.url + status["video"], {"Range": "bytes=0-99"})  # what Safari's <video> asks for
+    code, part = get(server, status["video"], {"Range": "bytes=0-99"})  # what Safari's <video> asks for
     assert code == 206 and part == data[:100]
 
 
 def test_bad_requests_get_one_line(server, tmp_path):
-    code, reply = post(server.url + "/api/generate", {"model": str(tmp_path / "nowhere"), "prompt": "x"})
+    code, reply = post(server, {"model": str(tmp_path / "nowhere"), "prompt": "x"})
     assert code == 400 and "nowhere" in reply["error"] and "\n" not in reply["error"]
-    code, reply = post(server.url + "/api/generate", {"model": "", "prompt": "x"})
+    code, reply = post(server, {"model": "", "prompt": "x"})
     assert code == 400 and "model" in reply["error"]
-    assert get(server.url + "/files/..%2Fsecret.mp4")[0] == 404
-    assert get(server.url + "/nope")[0] == 404
-    assert json.loads(get(server.url + "/api/status")[1]) == {"state": "idle"}
+    assert get(server, "/files/..%2Fsecret.mp4")[0] == 404
+    assert get(server, "/nope")[0] == 404
+    assert json.loads(get(server, "/api/status")[1]) == {"state": "idle"}
 
 
 def test_compare_job_and_image_upload(server, tiny_model, tmp_path):
@@ -101,25 +103,25 @@ def test_compare_job_and_image_upload(server, tiny_model, tmp_path):
     model = tiny_model("cogvideox-5b")
     lora = make_lora(model, tmp_path / "lora", seed=1)
     job = {"model": str(model), "prompt": "a red circle", "steps": "1", "loras": f"{lora}:0.8@mine", "compare": True}
-    code, reply = post(server.url + "/api/generate", job)
+    code, reply = post(server, job)
     assert code == 202, reply
-    assert post(server.url + "/api/generate", job)[0] == 409  # one job at a time (the first is still loading)
-    status = wait_done(server.url)
+    assert post(server, job)[0] == 409  # one job at a time (the first is still loading)
+    status = wait_done(server)
     assert status["state"] == "done" and status["runs"] == 2, status  # base + the one adapter
-    code, data = get(server.url + status["video"])
+    code, data = get(server, status["video"])
     (tmp_path / "cmp.mp4").write_bytes(data)
     assert probe(tmp_path / "cmp.mp4").width == 2 * 48
-    assert get(server.url + status["sheet"])[1].startswith(b"\x89PNG")
+    assert get(server, status["sheet"])[1].startswith(b"\x89PNG")
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 40), "blue").save(buf, format="PNG")
     image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     i2v = {"model": str(tiny_model("cogvideox1.5-5b-i2v")), "prompt": "a blue square", "steps": "1", "image": image}
-    code, reply = post(server.url + "/api/generate", i2v)
+    code, reply = post(server, i2v)
     assert code == 202, reply
-    status = wait_done(server.url)
+    status = wait_done(server)
     assert status["state"] == "done", status
-    (tmp_path / "i2v.mp4").write_bytes(get(server.url + status["video"])[1])
+    (tmp_path / "i2v.mp4").write_bytes(get(server, status["video"])[1])
     assert probe(tmp_path / "i2v.mp4").frames == 17
 
 

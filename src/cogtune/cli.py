@@ -45,14 +45,15 @@ def _cmd_data_cache(args) -> None:
 
 
 def _model_facts(model_cfg):
-    """(fps, allowed frame counts) of a config's model for `data check`, or None if the model can't tell."""
-    from .errors import CogtuneError
+    """(fps, allowed frame counts) of a config's model for `data check`, or None without a folder or variant."""
     from .models import resolve_variant
     from .models.variants import get_variant
 
-    try:
-        v = get_variant(model_cfg.variant) if model_cfg.variant else resolve_variant(model_cfg.path)
-    except CogtuneError:
+    if os.path.exists(model_cfg.path):  # the folder's own configs decide; a model.variant must agree with them
+        v = resolve_variant(model_cfg.path, model_cfg.variant, weights=False)
+    elif model_cfg.variant:
+        v = get_variant(model_cfg.variant)
+    else:
         return None
     return v.fps, v.allowed_frames()
 
@@ -65,7 +66,8 @@ def _launch_torchrun(args) -> None:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
            f"--master_port={free_port()}",
-           "-m", "cogtune", *(["--debug"] if args.debug else []), "train", args.config, *args.overrides]
+           "-m", "cogtune", *(["--debug"] if args.debug else []), "train", args.config, *args.overrides,
+           *(["--unsafe-pickle"] if args.unsafe_pickle else [])]
     code = subprocess.call(cmd)
     if code:
         raise SystemExit(code)
@@ -77,38 +79,49 @@ def _cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any process starts
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_torchrun(args)
+    from . import pickles
     from .train.loop import train
 
+    pickles.allow_unsafe(args.unsafe_pickle)  # for resume's checkpoint files
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if result.skipped:
         print(f"skipped {len(result.skipped)} clips:", *result.skipped, sep="\n  ")
     if result.interrupted:
-        print(f"stopped at step {result.steps}; checkpoint: {result.checkpoint} (resume: latest continues it)")
-        return
+        print(result.message or f"stopped at step {result.steps}; checkpoint: {result.checkpoint} "
+              "(resume: latest continues it)")
+        return  # exit 0: a requested stop that saved its work is not a failure
     saved = ", ".join(f"{k}: {v}" for k, v in result.outputs.items())
     print(f"trained {result.steps} steps on {result.clips} clips; {saved}")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with cogtune's error format: one line naming the option and where to read more, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"cogtune: error: {one_line(message)} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_types import SEED, int_range
     from .models.variants import VARIANTS
 
-    p = argparse.ArgumentParser(prog="cogtune", description="Fine-tune CogVideoX models; outputs load in stock diffusers.")
+    p = Parser(prog="cogtune", description="Fine-tune CogVideoX models; outputs load in stock diffusers.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("tiny", help="write a tiny random-weight pipeline folder of a variant (no download)")
     t.add_argument("dir")
     t.add_argument("--variant", default="cogvideox-5b", choices=sorted(VARIANTS))
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=SEED, default=0)
     t.set_defaults(func=_cmd_tiny)
 
     d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     s = d.add_parser("synth", help="write a small synthetic dataset of real H.264 clips (official layout)")
     s.add_argument("dir")
-    s.add_argument("--clips", type=int, default=8)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--clips", type=int_range(1, 10_000), default=8)
+    s.add_argument("--seed", type=SEED, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_data_synth)
     c = d.add_parser("cache", help="encode every clip and caption of a training config into the latent cache")
@@ -122,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train from a YAML config; key=value pairs override it")
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", metavar="key=value")
-    tr.add_argument("--nproc", type=int, default=1, help="start N processes on this node with torchrun")
+    tr.add_argument("--nproc", type=int_range(1, 1024), default=1, help="start N processes on this node with torchrun")
+    from .pickles import add_unsafe_argument
+
+    add_unsafe_argument(tr)
     tr.set_defaults(func=_cmd_train)
 
     from .export import lora_formats, merge, sat
@@ -154,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         # bitsandbytes (imported by diffusers when installed) warns about 4-bit CPU kernels cogtune never uses
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if getattr(args, "overrides", None) is not None:  # key=value pairs may come after options too
-        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
-        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:  # a bad option is its one line and exit 2 (--help: exit 0), also for callers of main() in Python
+        args, extra = parser.parse_known_args(argv)
+        if getattr(args, "overrides", None) is not None:  # key=value pairs may come after options too
+            args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+            extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -7,16 +7,23 @@ and what would be right. Checks that need the model (frames allowed by the varia
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import CogtuneError
+from .errors import CogtuneError, bounded, display_path, os_error_text
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; more is a mistake (a dataset or a binary given as the config)
+MAX_CONFIG_NODES = 100_000  # YAML values after expanding aliases: a "billion laughs" file stops here, not in RAM
+SEED_LIMIT = 2**32  # numpy's legacy seeding, which accelerate's set_seed calls, takes 0 <= seed < 2**32
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are never meaningful in a config (lr: .inf would pass a `gt=0` check)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -27,18 +34,35 @@ class ModelConfig(_Section):
 class BucketConfig(_Section):
     # Resolutions as [[h, w], ...], or an area (pixels) with aspect ratios ("16:9" or 1.78); a clip goes to the
     # nearest aspect it can cover without upscaling (unless allow_upscale) and the largest frame count it can fill.
-    resolutions: list[tuple[int, int]] = []
-    area: int | None = Field(None, gt=0)
+    resolutions: list[tuple[Annotated[int, Field(ge=16, le=8192)], Annotated[int, Field(ge=16, le=8192)]]] = []
+    area: int | None = Field(None, ge=256, le=8192 * 8192)
     aspect_ratios: list[str | float] = []
-    frames: list[int] = []  # empty: data.frames only
+    frames: list[Annotated[int, Field(ge=1, le=1025)]] = []  # empty: data.frames only
     allow_upscale: bool = False
+
+    @field_validator("resolutions")
+    @classmethod
+    def _sizes_multiple_of_16(cls, v: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        for h, w in v:
+            if h % 16 or w % 16:
+                raise ValueError(f"each [height, width] must be multiples of 16 (VAE ×8 and patch ×2), got [{h}, {w}]")
+        return v
+
+    @field_validator("aspect_ratios")
+    @classmethod
+    def _valid_aspects(cls, v: list[str | float]) -> list[str | float]:
+        from .data.buckets import parse_aspect
+
+        for ratio in v:
+            parse_aspect(ratio)  # its ValueError names the ratio and the accepted forms
+        return v
 
 
 class DataConfig(_Section):
     root: Path  # official layout folder, a metadata.csv/.jsonl table (or its folder), or videos with .txt captions
-    frames: int = Field(49, ge=1)
-    height: int = Field(480, ge=8)
-    width: int = Field(720, ge=8)
+    frames: int = Field(49, ge=1, le=1025)
+    height: int = Field(480, ge=16, le=8192)
+    width: int = Field(720, ge=16, le=8192)
     # uniform: spread over the clip; head: the first frames; random: a random window; fps: resample to target_fps,
     # then take a window (centred, or random with window: random)
     sampling: Literal["uniform", "head", "random", "fps"] = "uniform"
@@ -64,9 +88,9 @@ class DataConfig(_Section):
 
 
 class LoraConfig(_Section):
-    rank: int = Field(64, ge=1)
+    rank: int = Field(64, ge=1, le=4096)
     alpha: float = Field(64, gt=0)
-    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
@@ -75,7 +99,7 @@ class OptimizerConfig(_Section):
     name: Literal["adamw", "adamw8bit", "prodigy", "came"] = "adamw"
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)  # each in [0, 1): 1 or more makes the moment estimates diverge
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping
 
@@ -173,12 +197,12 @@ class ValidationConfig(_Section):
     heldout_clips: int = Field(2, ge=1)
     prompts: list[str] = []  # videos generated with the current weights every_steps and at the end
     images: list[Path] = []  # I2V: one conditioning image per prompt
-    inference_steps: int = Field(25, ge=1)
+    inference_steps: int = Field(25, ge=1, le=1000)  # the schedulers have 1000 training timesteps
     guidance_scale: float = Field(6.0, ge=0)
-    seed: int = 0
-    frames: int | None = None  # None: data.frames / height / width
-    height: int | None = None
-    width: int | None = None
+    seed: Seed = 0
+    frames: int | None = Field(None, ge=1, le=1025)  # None: data.frames / height / width
+    height: int | None = Field(None, ge=16, le=8192)
+    width: int | None = Field(None, ge=16, le=8192)
 
 
 class DistributedConfig(_Section):
@@ -205,9 +229,9 @@ class TrainConfig(_Section):
     lr_scheduler: SchedulerConfig = SchedulerConfig()
     loss: LossConfig = LossConfig()
     validation: ValidationConfig = ValidationConfig()
-    max_steps: int = Field(1000, ge=1)
+    max_steps: int = Field(1000, ge=1, le=10**9)
     output_dir: Path = Path("runs/cogtune")
-    seed: int = 42
+    seed: Seed = 42
     batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
@@ -230,18 +254,46 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for key in parents:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise CogtuneError(f"override {dotted}: {key} is not a section")
+            raise CogtuneError(f"override {bounded(dotted)}: {bounded(key)} is not a section")
         node = child
     node[leaf] = value
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Values a YAML node stands for once its aliases are expanded (aliases share nodes, hence the memo)."""
+    if id(node) not in memo:
+        memo[id(node)] = 1  # a recursive alias counts once instead of looping
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        memo[id(node)] = 1 + sum(_expanded_size(c, memo) for c in children)
+    return memo[id(node)]
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load with limits: a bad document is one line naming `where`, an alias bomb is refused before it
+    expands, and deep nesting cannot overflow the stack."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_size(node, {}) > MAX_CONFIG_NODES:
+            raise CogtuneError(f"{where}: more than {MAX_CONFIG_NODES} values once its YAML aliases are expanded "
+                               "(an alias bomb?); write the values out or use fewer aliases")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise CogtuneError(f"{where}: not valid YAML ({bounded(str(e).splitlines()[0] if str(e) else e, 200)})") from None
+    except RecursionError:
+        raise CogtuneError(f"{where}: YAML nested too deeply") from None
 
 
 def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     out = []
     for pair in pairs:
         if "=" not in pair:
-            raise CogtuneError(f"override {pair!r} is not key=value (e.g. max_steps=100 or lora.rank=16)")
+            raise CogtuneError(f"override {bounded(pair)} is not key=value (e.g. max_steps=100 or lora.rank=16)")
         key, raw = pair.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise CogtuneError(f"override {bounded(pair)}: the key is empty (e.g. max_steps=100 or lora.rank=16)")
+        out.append((key, safe_yaml(raw, f"override {bounded(key)}") if raw.strip() else None))
     return out
 
 
@@ -258,15 +310,15 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
 def _one_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = tuple(first["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
+    key = bounded(".".join(str(p) for p in loc) or "(top level)")
     if first["type"] == "extra_forbidden":
         valid = ", ".join(_field_names(TrainConfig, loc))
         return f"{source}: unknown key {key!r} (valid here: {valid})"
     if first["type"] == "missing":
         return f"{source}: missing required key {key!r}"
     got = first.get("input")
-    got = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-    return f"{source}: {key}: {first['msg']}{got}"
+    got = f" (got {bounded(got)})" if got is not None and not isinstance(got, dict) else ""
+    return f"{source}: {key}: {bounded(first['msg'], 300)}{got}"
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
@@ -274,15 +326,26 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     source = "config"
     if path is not None:
         path = Path(path)
-        source = str(path)
+        source = display_path(path)
+        if path.is_dir():
+            raise CogtuneError(f"config {source} is a folder: give the YAML file (e.g. configs/quickstart.yaml)")
         if not path.is_file():
-            raise CogtuneError(f"config file {path} does not exist")
+            raise CogtuneError(f"config file {source} does not exist")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise CogtuneError(f"{source}: {path.stat().st_size} bytes is too large for a config (at most "
+                               f"{MAX_CONFIG_BYTES}); is it the right file?")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise CogtuneError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise CogtuneError(f"{source}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+        except OSError as e:
+            raise CogtuneError(os_error_text(e, f"reading config {source}")) from None
+        loaded = safe_yaml(text, source) or {}
         if not isinstance(loaded, dict):
-            raise CogtuneError(f"{path}: top level must be a mapping of keys, got {type(loaded).__name__}")
+            raise CogtuneError(f"{source}: top level must be a mapping of keys, got {type(loaded).__name__}")
+        bad = [k for k in loaded if not isinstance(k, str)]
+        if bad:
+            raise CogtuneError(f"{source}: key {bounded(bad[0])} is not a name; keys are words like max_steps")
         tree.update(loaded)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
@@ -290,3 +353,5 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         return TrainConfig.model_validate(tree)
     except ValidationError as e:
         raise CogtuneError(_one_line(e, source)) from None
+    except RecursionError:
+        raise CogtuneError(f"{source}: values nested too deeply") from None

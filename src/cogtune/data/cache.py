@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from cogtune.errors import CogtuneError
+from cogtune.errors import CogtuneError, display_path
 
 log = logging.getLogger("cogtune")
 FORMAT = 1
@@ -95,7 +95,9 @@ class CacheCheck:
 
 
 def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    # file names that are not UTF-8 (surrogate escapes) as \xNN: hashable and storable; UTF-8 text is unchanged
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _hash(obj: Any) -> str:
@@ -121,7 +123,8 @@ def fingerprint_files(paths: Iterable[str | os.PathLike]) -> str:
             part.startswith(".") for part in p.relative_to(root).parts)) if root.is_dir() else [root]
         for f in files:
             size = f.stat().st_size
-            h.update(f"{f.relative_to(root).as_posix() if root.is_dir() else f.name}\0{size}\0".encode())
+            name = f.relative_to(root).as_posix() if root.is_dir() else f.name
+            h.update(f"{name}\0{size}\0".encode("utf-8", "surrogateescape"))
             with open(f, "rb") as fh:
                 if size <= _SAMPLES * _CHUNK:
                     h.update(fh.read())
@@ -267,7 +270,8 @@ class LatentCache:
 
     def _write(self, path: Path, key: str, kind: str, source: str, recipe: Any,
                tensors: dict[str, torch.Tensor]) -> None:
-        meta = {"cogtune.cache": str(FORMAT), "cogtune.key": key, "cogtune.kind": kind, "cogtune.source": source,
+        meta = {"cogtune.cache": str(FORMAT), "cogtune.key": key, "cogtune.kind": kind,
+                "cogtune.source": display_path(source),
                 "cogtune.fingerprint": _canonical(recipe)}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         try:

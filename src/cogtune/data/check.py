@@ -19,13 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import av
 import numpy as np
 
 from cogtune.data.frames import SAMPLING_MODES, SHORT_POLICIES, WINDOWS, FramePlan, plan_frames
 from cogtune.data.sources import Sample, read_dataset
-from cogtune.data.video import av_error_text, load_image
-from cogtune.errors import CogtuneError
+from cogtune.errors import CogtuneError, display_path
 
 UNUSABLE = {"missing", "missing-image", "bad-image", "no-caption", "empty-caption", "caption-encoding", "bad-time",
             "bad-row", "list-mismatch", "empty", "unreadable", "audio-only", "no-video", "zero-frames", "truncated",
@@ -78,6 +76,9 @@ def _vfr(pts: list[int], time_base: float) -> str | None:
 
 def inspect_video(path: Path, decode: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Probe (or with decode=True fully decode) one file -> (facts, problems). Never raises for a bad file."""
+    import av  # imported here, not at the top: `data check --help` and refusals need no FFmpeg or torch
+
+    from cogtune.data.video import av_error_text
     facts: dict[str, Any] = {}
     try:
         if path.stat().st_size == 0:
@@ -122,7 +123,10 @@ def inspect_video(path: Path, decode: bool = False) -> tuple[dict[str, Any], lis
         if tb and (vfr := _vfr(pts, tb)):
             problems.append(vfr)
         rotate = stream.metadata.get("rotate")
-    problems += _decode_problems(path, count, decode, rotate)
+    decode_problems, rotation = _decode_problems(path, count, decode, rotate)
+    problems += decode_problems
+    if round(rotation / 90) % 2:  # report (and compare with the training size) the size players show
+        facts["width"], facts["height"] = facts["height"], facts["width"]
     pix = facts["pix_fmt"] or "unknown"
     if pix not in NORMAL_PIX_FMTS:
         kind = "high bit depth" if any(b in pix for b in ("p10", "p12", "p16")) else \
@@ -135,8 +139,12 @@ def inspect_video(path: Path, decode: bool = False) -> tuple[dict[str, Any], lis
     return facts, problems
 
 
-def _decode_problems(path: Path, count: int, decode: bool, rotate: str | None) -> list[str]:
-    """Rotation (from the first decoded frame's display matrix or a 'rotate' tag) and, with decode, a full decode."""
+def _decode_problems(path: Path, count: int, decode: bool, rotate: str | None) -> tuple[list[str], float]:
+    """Rotation (from the first decoded frame's display matrix or a 'rotate' tag) and, with decode, a full decode
+    -> (problems, display rotation in degrees)."""
+    import av
+
+    from cogtune.data.video import av_error_text
     problems: list[str] = []
     rotation, decoded = 0.0, 0
     try:
@@ -161,7 +169,7 @@ def _decode_problems(path: Path, count: int, decode: bool, rotate: str | None) -
     if rotation % 360:
         problems.append(f"rotated: display rotation {rotation:g} degrees; cogtune turns frames upright as players "
                         "do, but other tools may not: re-encode upright to be safe")
-    return problems
+    return problems, rotation
 
 
 def _file_hash(path: Path) -> str:
@@ -196,6 +204,7 @@ def _image_problems(sample: Sample) -> list[str]:
     """An I2V conditioning image that is there but does not load (training would skip its clip)."""
     if sample.image is None or not sample.image.is_file():
         return []  # a missing image is already a sample problem
+    from cogtune.data.video import load_image
     try:
         load_image(sample.image, 16, 16)
     except CogtuneError as e:
@@ -240,6 +249,9 @@ def check_dataset(root: str | os.PathLike, frames: int = 49, height: int = 480, 
                               "so frames are enlarged (blurry); use larger clips or a smaller size")
     dataset_rows = [ClipReport(str(listing.source), ok=False, problems=[p]) for p in listing.problems]
     for r in reports + dataset_rows:
+        # names that are not UTF-8 (str with surrogate escapes) as \xNN text: printable and valid JSON
+        r.path, r.video = display_path(r.path), display_path(r.video) if r.video else ""
+        r.problems = [p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for p in r.problems]
         r.ok = not r.problems
         r.usable = not any(keyword(p) in UNUSABLE for p in r.problems)
     return dataset_rows + reports

@@ -157,13 +157,13 @@ def read_official(root: str | os.PathLike, prompts: str = "prompts.txt", videos:
             elif not caption:
                 problems.append(f"empty-caption: {prompt_file} line {n} is blank; line i of each list belongs to "
                                 "the same sample, so fill it in or remove that line from every list")
-        video = (video_file.parent / rel).resolve()
+        video = _resolve(video_file.parent, rel)
         if rel and not bad_path and check_exists and not video.is_file():
             problems.append(_missing("video", video, where, video_file.parent))
         image = None
         if image_lines is not None and n <= len(image_lines):
             img, bad_img = image_lines[n - 1]
-            image = (image_file.parent / img).resolve() if img and not bad_img else None
+            image = _resolve(image_file.parent, img) if img and not bad_img else None
             if bad_img or not img:
                 problems.append(f"missing-image: {image_file} line {n} is blank or not UTF-8; fix that line")
             elif check_exists and not image.is_file():
@@ -189,6 +189,15 @@ def _pick(row: dict[str, Any], names: tuple[str, ...]) -> Any:
     return next((row[n] for n in names if n in row), None)
 
 
+def _resolve(folder: Path, rel: str) -> Path:
+    """`folder / rel` made absolute; a path that cannot be resolved (a symlink loop, a NUL byte) stays as written,
+    and the is_file() check that follows reports it as missing instead of raising."""
+    try:
+        return (folder / rel).resolve()
+    except (RuntimeError, OSError, ValueError):
+        return Path(os.path.abspath(folder / rel))
+
+
 def _table_sample(row: dict[Any, Any], where: str, folder: Path, check_exists: bool) -> Sample:
     problems: list[str] = []
     rel = _pick(row, VIDEO_COLUMNS)
@@ -196,7 +205,7 @@ def _table_sample(row: dict[Any, Any], where: str, folder: Path, check_exists: b
     caption = _pick(row, CAPTION_COLUMNS)
     if not rel:
         problems.append(f"missing: {where} has no video path; fill in its 'video' column or remove the row")
-    video = (folder / rel).resolve()
+    video = _resolve(folder, rel)
     if rel and check_exists and not video.is_file():
         problems.append(_missing("video", video, where, folder))
     if caption is None:
@@ -209,7 +218,7 @@ def _table_sample(row: dict[Any, Any], where: str, folder: Path, check_exists: b
     elif not caption and not any(p.startswith("no-caption") for p in problems):
         problems.append(f"empty-caption: {where} has an empty caption; write one or remove the row")
     image_rel = str(row.get("image") or "").strip()
-    image = (folder / image_rel).resolve() if image_rel else None
+    image = _resolve(folder, image_rel) if image_rel else None
     if image is not None and check_exists and not image.is_file():
         problems.append(_missing("image", image, where, folder).replace("missing:", "missing-image:", 1))
     if row.get(None):

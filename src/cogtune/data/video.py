@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from av.video.reformatter import VideoReformatter
 
 from cogtune.data.frames import FramePlan, plan_frames
-from cogtune.errors import CogtuneError
+from cogtune.errors import CogtuneError, bounded, display_path
 
 PathLike = Union[str, os.PathLike]
 FRAME_MODES = ("uniform", "head", "random")  # what frame_indices takes; plan_frames also has "fps"
@@ -29,10 +30,11 @@ class VideoInfo:
     frames: int
     fps: float
     duration: float  # seconds
-    width: int
+    width: int  # as displayed: stored width and height swapped for a clip rotated by 90 or 270 degrees
     height: int
     pix_fmt: str
     codec: str
+    rotation: int = 0  # display rotation in degrees (counter-clockwise), a multiple of 90
 
 
 def av_error_text(e: BaseException) -> str:
@@ -72,8 +74,27 @@ def probe(path: PathLike) -> VideoInfo:
         else:
             duration = frames / fps if fps else 0.0
         ctx = stream.codec_context
-        return VideoInfo(frames=int(frames), fps=fps, duration=duration, width=ctx.width, height=ctx.height,
-                         pix_fmt=ctx.pix_fmt or "", codec=ctx.name)
+        width, height, codec, pix_fmt = ctx.width, ctx.height, ctx.name, ctx.pix_fmt or ""
+    rotation = display_rotation(path)
+    if rotation % 180:
+        width, height = height, width
+    return VideoInfo(frames=int(frames), fps=fps, duration=duration, width=width, height=height,
+                     pix_fmt=pix_fmt, codec=codec, rotation=rotation)
+
+
+def display_rotation(path: PathLike) -> int:
+    """The display rotation (degrees counter-clockwise, 0/90/180/270) of a clip, as players apply it.
+
+    FFmpeg exposes the display matrix on decoded frames, so the first frame is decoded; an undecodable file counts
+    as unrotated (decoding it fails later with its own message)."""
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            for frame in container.decode(stream):
+                return (round((getattr(frame, "rotation", 0) or 0) / 90) % 4) * 90
+    except (av.error.FFmpegError, OSError, IndexError):
+        pass
+    return 0
 
 
 def frame_indices(total: int, want: int, mode: str = "uniform", rng: np.random.Generator | None = None) -> list[int]:
@@ -271,10 +292,15 @@ def load_image(path: PathLike, height: int, width: int, crop: str = "center",
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            rgb = np.array(ImageOps.exif_transpose(img).convert("RGB"))  # a writable copy, as torch wants
-    except (OSError, UnidentifiedImageError) as e:
-        raise CogtuneError(f"{path}: not a readable image ({e})") from None
+        with warnings.catch_warnings():  # Pillow only warns below twice its pixel limit; refuse there too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                rgb = np.array(ImageOps.exif_transpose(img).convert("RGB"))  # a writable copy, as torch wants
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise CogtuneError(f"{display_path(path)}: too many pixels to decode safely: scale the image down, "
+                           f"e.g. to {width}x{height}") from None
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise CogtuneError(f"{display_path(path)}: not a readable image ({bounded(str(e), 200)})") from None
     x = _resize_crop_tensor(torch.from_numpy(rgb).permute(2, 0, 1)[None].float(), height, width, crop, rng)[0]
     return (x / 127.5 - 1.0).clamp_(-1.0, 1.0)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from cogtune import pickles
 from cogtune.errors import CogtuneError
 from cogtune.export.shards import refuse_overlap
 from cogtune.export.to_diffusers import add_convert_arguments, base_transformer, check_fits, name_prefix, refuse_lora, \
@@ -31,17 +32,18 @@ def locate_sharded(checkpoint: str | Path) -> Path:
 
 def convert_fsdp(checkpoint: str | Path, out_dir: str | Path, base_model_dir: str | Path,
                  dtype: str | torch.dtype | None = "fp32", max_shard_size: int | str = "5GB",
-                 overwrite: bool = False, quiet: bool = False) -> Path:
+                 overwrite: bool = False, quiet: bool = False, unsafe_pickle: bool | None = None) -> Path:
     """Write the weights of an FSDP2 checkpoint as a diffusers transformer folder at `out_dir` (config from
-    `base_model_dir`; exactly the base model's keys and shapes). Returns `out_dir`."""
+    `base_model_dir`; exactly the base model's keys and shapes). Returns `out_dir`. `unsafe_pickle`: read its
+    `.metadata` with plain pickle (None: as `pickles.allow_unsafe` set it)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     refuse_overlap(out_dir, inside_ok=True, CHECKPOINT=checkpoint, **{"--base": base_model_dir})
     folder = locate_sharded(checkpoint)
-    reader = FileSystemReader(str(folder))
-    meta = reader.read_metadata().state_dict_metadata
+    with pickles.trusting(unsafe_pickle):
+        meta = pickles.check_dcp(folder, only=MODEL).state_dict_metadata  # the model's items' CRCs; no code run
+        reader = pickles.dcp_reader(folder)
     stored = {k[len(MODEL):]: m for k, m in meta.items() if k.startswith(MODEL) and isinstance(m, TensorStorageMetadata)}
     if not stored:
         raise CogtuneError(f"{folder} holds no model weights (no '{MODEL}*' tensors)")

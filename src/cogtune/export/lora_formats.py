@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -32,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CogtuneError
+from ..errors import CogtuneError, bounded
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 COMFY_NAME = "lora_comfyui.safetensors"
@@ -147,13 +148,77 @@ _COMFY_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".lora_A.we
 
 
 def _detect_format(keys: list[str], path: Path) -> str:
-    if keys and all(k.startswith(COMFY_PREFIX) for k in keys):
+    if not keys:
+        raise CogtuneError(f"LoRA file {path} holds no tensors: it is not a LoRA; export it again")
+    if all(k.startswith(COMFY_PREFIX) for k in keys):
         return "comfyui"
     if keys and all(k.startswith(PREFIX) or k.startswith("transformer_blocks.") for k in keys):
         return "diffusers"
     sample = next((k for k in keys if not k.startswith((PREFIX, COMFY_PREFIX))), keys[0] if keys else "(none)")
-    raise CogtuneError(f"LoRA file {path}: key {sample!r} is neither a diffusers CogVideoX LoRA key "
+    raise CogtuneError(f"LoRA file {path}: key {bounded(repr(sample))} is neither a diffusers CogVideoX LoRA key "
                        f"({PREFIX}<module>.lora_A.weight) nor a ComfyUI one ({COMFY_PREFIX}<module>.lora_down.weight)")
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Every tensor floating point and finite: NaN/inf would sample black videos or merge a model full of NaN."""
+    for key in sorted(tensors):
+        t = tensors[key]
+        if not t.is_floating_point() and not key.endswith(".alpha"):  # a kohya-style alpha may be stored as an int
+            raise CogtuneError(f"LoRA file {path}: tensor {bounded(key)} is {str(t.dtype).removeprefix('torch.')}, "
+                               "not floating point: the file is damaged or no LoRA; export it again")
+        if not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+            raise CogtuneError(f"LoRA file {path}: tensor {bounded(key)} holds {bad} values (first bad key): the "
+                               "training diverged or the file is damaged; use an earlier checkpoint or export again")
+
+
+def check_alpha(alpha, where: str) -> float:
+    """`alpha` as a float if it is a finite number above 0; else one line naming `where` it comes from."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise CogtuneError(f"{where}: alpha {bounded(alpha)} is not a finite number above 0 (alpha/rank scales the "
+                           "LoRA; alpha = rank is scale 1)")
+    return float(alpha)
+
+
+def _check_rank(rank, where: str) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise CogtuneError(f"{where}: rank {bounded(rank)} is not a whole number of at least 1")
+    return rank
+
+
+def check_adapter_metadata(text: str, path: Path) -> dict:
+    """The `lora_adapter_metadata` JSON (the peft LoraConfig) with the types diffusers and peft rely on."""
+    where = f"LoRA file {path}: metadata {ADAPTER_KEY}"
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CogtuneError(f"{where} is not valid JSON ({e.msg}): export the LoRA again, or convert it with "
+                           "`cogtune lora convert` after fixing the metadata") from None
+    if not isinstance(config, dict):
+        raise CogtuneError(f"{where} is a JSON {type(config).__name__}, not an object (a peft LoraConfig): "
+                           "export the LoRA again")
+    config = {k.removeprefix(PREFIX): v for k, v in config.items()}
+    if "r" in config:
+        _check_rank(config["r"], f"{where} r")
+    if "lora_alpha" in config:
+        check_alpha(config["lora_alpha"], f"{where} lora_alpha")
+    for name, check in (("rank_pattern", _check_rank), ("alpha_pattern", check_alpha)):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict):
+            raise CogtuneError(f"{where} {name} is a {type(pattern).__name__}, not an object (module -> value)")
+        for key, value in pattern.items():
+            check(value, f"{where} {name}[{bounded(key)}]")
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise CogtuneError(f"{where} {name}: key {bounded(key)} is no valid pattern ({e})") from None
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise CogtuneError(f"{where} target_modules is {bounded(targets)}: expected a list of module names")
+    if config.get("use_dora"):
+        raise CogtuneError(f"{where} says use_dora, but the file holds no DoRA magnitudes: DoRA is not supported")
+    return config
 
 
 def _config_alpha(config: dict, module: str) -> float:
@@ -195,8 +260,11 @@ def read_lora(path: str | Path, assume_alpha: float | None = None) -> LoraWeight
     `assume_alpha` is used only for a file that records no alpha at all (diffusers itself then assumes alpha = rank).
     """
     path = resolve_lora_path(path)
+    if assume_alpha is not None:
+        check_alpha(assume_alpha, "--alpha")
     tensors, metadata = read_safetensors(path)
     fmt = _detect_format(list(tensors), path)
+    check_tensors(tensors, path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         bare = key.removeprefix(COMFY_PREFIX if fmt == "comfyui" else PREFIX)
@@ -219,6 +287,9 @@ def read_lora(path: str | Path, assume_alpha: float | None = None) -> LoraWeight
             raise CogtuneError(f"LoRA file {path}: module {module} has only lora_{'B' if 'B' in p else 'A'}; "
                                "the file is incomplete")
         a, b = p["A"], p["B"]
+        if a.dim() not in (2, 4) or b.dim() != a.dim() or a.shape[0] < 1:
+            raise CogtuneError(f"LoRA file {path}: module {module} has lora_A of shape {tuple(a.shape)} and lora_B "
+                               f"of shape {tuple(b.shape)}: not a LoRA pair (2-D, or 4-D for a convolution)")
         if a.shape[0] != b.shape[1]:
             raise CogtuneError(f"LoRA file {path}: module {module} has rank {a.shape[0]} in lora_A but "
                                f"{b.shape[1]} in lora_B")
@@ -226,11 +297,15 @@ def read_lora(path: str | Path, assume_alpha: float | None = None) -> LoraWeight
         state_dict[f"{PREFIX}{module}.lora_B.weight"] = b
         ranks[module] = int(a.shape[0])
 
-    stored = json.loads(metadata[ADAPTER_KEY]) if metadata.get(ADAPTER_KEY) else None
-    stored = {k.removeprefix(PREFIX): v for k, v in stored.items()} if stored else None
+    stored = check_adapter_metadata(metadata[ADAPTER_KEY], path) if metadata.get(ADAPTER_KEY) else None
     cogtune = {k: v for k, v in metadata.items() if k.startswith("cogtune.")}
     extra = {k: v for k, v in metadata.items() if k != ADAPTER_KEY and not k.startswith("cogtune.")}
     has_alpha = {m for m, p in parts.items() if "alpha" in p}
+    for m in sorted(has_alpha):
+        if parts[m]["alpha"].numel() != 1:
+            raise CogtuneError(f"LoRA file {path}: the alpha of module {m} has {parts[m]['alpha'].numel()} values, "
+                               "not one: the file is damaged; export it again")
+        check_alpha(float(parts[m]["alpha"].float().item()), f"LoRA file {path}: module {m}")
     if fmt == "comfyui" and has_alpha:
         alphas = {m: float(parts[m]["alpha"].float().item()) if m in has_alpha else float(ranks[m]) for m in ranks}
         config = stored if stored and _consistent(stored, ranks, alphas) else build_lora_config(ranks, alphas)
@@ -369,11 +444,14 @@ def _cmd_convert(args) -> None:
 
 def register_cli(subparsers) -> None:
     """Adds `cogtune lora convert IN OUT --to comfyui|diffusers [--alpha A]` to the top-level subparsers."""
+    from ..cli_types import float_range
+
     lora = cli_group(subparsers, "lora", "LoRA tools: convert between formats, merge into a model")
     p = lora.add_parser("convert", help="convert a LoRA between the diffusers and ComfyUI formats (alpha kept)")
     p.add_argument("src", metavar="IN", help="LoRA .safetensors file (either format) or a folder holding one")
     p.add_argument("out", metavar="OUT", help="output .safetensors file, or a folder")
     p.add_argument("--to", required=True, choices=FORMATS)
-    p.add_argument("--alpha", type=float, help="alpha for a LoRA that records none (default: rank, as diffusers)")
+    p.add_argument("--alpha", type=float_range(0, low_open=True),
+                   help="alpha for a LoRA that records none (default: rank, as diffusers)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
     p.set_defaults(func=_cmd_convert)

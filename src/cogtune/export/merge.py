@@ -58,17 +58,33 @@ def _link_or_copy(src: str, dst: str) -> str:
     return dst
 
 
+def check_fused(transformer: torch.nn.Module, to: torch.dtype, loras: list) -> None:
+    """Every merged weight finite, and within range of the output dtype: else the model would sample NaN."""
+    limit = torch.finfo(to).max
+    for name, p in transformer.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise CogtuneError(f"merged weight {name} has NaN/inf values, nothing was written: the base model holds "
+                               f"them or the LoRA weights ({', '.join(f'{s.weight:g}' for s in loras)}) are too large")
+        if to != torch.float32 and float(p.abs().max()) > limit:
+            raise CogtuneError(f"merged weight {name} exceeds what {str(to).removeprefix('torch.')} holds "
+                               f"({limit:g}), nothing was written: use --dtype fp32 or bf16, or smaller LoRA weights")
+
+
 def fuse_loras(transformer_dir: Path, loras: list, model_dir: Path):
     """The float32 transformer with `loras` ([LoraSpec]) fused in at their weights."""
     from diffusers import CogVideoXTransformer3DModel
 
     from ..infer.compat import check_lora_compat
 
-    transformer = CogVideoXTransformer3DModel.from_pretrained(str(transformer_dir), torch_dtype=torch.float32)
-    names = []
-    for spec in loras:  # names are unique: parse_loras checks that
+    read = []
+    for spec in loras:  # every LoRA checked before the slow load
         lora = read_lora(spec.path)
         check_lora_compat(lora, model_dir)
+        read.append(lora)
+    transformer = CogVideoXTransformer3DModel.from_pretrained(str(transformer_dir), torch_dtype=torch.float32,
+                                                              use_safetensors=True)
+    names = []
+    for spec, lora in zip(loras, read):  # names are unique: parse_loras checks that
         with warnings.catch_warnings():  # peft warns on every adapter after the first; several is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             transformer.load_lora_adapter(dict(lora.state_dict), prefix="transformer", adapter_name=spec.name,
@@ -84,7 +100,9 @@ def merge_loras(model: str | Path, loras: list[str], out: str | Path, pipeline: 
                 dtype: str | None = None, max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     """Fuse `loras` (`PATH[:WEIGHT][@NAME]` strings) into the model's transformer; write OUT. Returns OUT."""
     from ..infer.generate import parse_loras
-    from .shards import check_output_folder, refuse_overlap, resolve_dtype, save_transformer_folder, staged_folder
+    from ..models.folder import check_pipeline_folder, check_weights
+    from .shards import (check_output_folder, plan_shards, refuse_overlap, resolve_dtype, save_transformer_folder,
+                         staged_folder)
 
     model, out = Path(model), Path(out)
     if not loras:
@@ -92,11 +110,16 @@ def merge_loras(model: str | Path, loras: list[str], out: str | Path, pipeline: 
     transformer_dir, is_pipeline = _transformer_dir(model)
     if pipeline and not is_pipeline:
         raise CogtuneError(f"--pipeline needs a pipeline folder as --model, {model} is a transformer folder")
+    if pipeline:  # every component is copied into OUT: all of them must be whole
+        check_pipeline_folder(model)
+    check_weights(transformer_dir)
+    plan_shards({}, max_shard_size)  # a bad --max-shard-size is one line now, not after the merge
     specs = parse_loras(loras)
     refuse_overlap(out, **{"--model": model})
     check_output_folder(out, overwrite)  # say so before the slow part
     to = resolve_dtype(dtype) or stored_dtype(transformer_dir)
     transformer = fuse_loras(transformer_dir, specs, model)
+    check_fused(transformer, to, specs)
     info = {"model": str(model.absolute()), "dtype": str(to).removeprefix("torch."),
             "loras": [{"path": str(s.path.absolute()), "weight": s.weight, "name": s.name} for s in specs]}
     with staged_folder(out, overwrite) as tmp:  # OUT appears complete (merge info included) or not at all
@@ -122,10 +145,12 @@ def _cmd_merge(args) -> None:
 
 def register_cli(subparsers) -> None:
     """Adds `cogtune lora merge --model DIR --lora A[:W] [--lora ...] OUT [--pipeline]` to the top-level subparsers."""
+    from ..infer.generate import lora_argument
+
     lora = cli_group(subparsers, "lora", "LoRA tools: convert between formats, merge into a model")
     p = lora.add_parser("merge", help="fuse LoRAs into the base transformer and write a standalone model folder")
     p.add_argument("--model", required=True, help="diffusers CogVideoX pipeline folder (or its transformer/ folder)")
-    p.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT][@NAME]",
+    p.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT][@NAME]", type=lora_argument,
                    help="LoRA file or folder, diffusers or ComfyUI format; repeatable")
     p.add_argument("out", metavar="OUT", help="output folder: transformer folder, or pipeline folder with --pipeline")
     p.add_argument("--pipeline", action="store_true", help="write a full pipeline folder (other components linked)")

@@ -32,12 +32,12 @@ The official finetune trainer (finetune/schemas/args.py) trains at rank 128, lor
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
+from .. import pickles
 from ..errors import CogtuneError
 from .lora_formats import (PREFIX, WEIGHT_NAME, LoraWeights, build_lora_config, check_output_file, cli_group,
                            output_path, read_lora, write_diffusers)
@@ -95,21 +95,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_sat_state_dict(path: Path, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The `model.diffusion_model.*` tensors of a SAT checkpoint (nested under model/module/state_dict)."""
-    try:
-        saved = torch.load(str(path), map_location="cpu", weights_only=not unsafe_pickle, mmap=True)
-    except pickle.UnpicklingError:
-        raise CogtuneError(f"{path} holds Python objects besides tensors; if you trust the file, "
-                           "add --unsafe-pickle to load it in full") from None
-    except Exception as e:
-        raise CogtuneError(f"{path} cannot be read as a PyTorch checkpoint ({e.__class__.__name__}): "
-                           "is it complete?") from None
+def load_sat_state_dict(path: Path, unsafe_pickle: bool | None = None) -> dict[str, torch.Tensor]:
+    """The `model.diffusion_model.*` tensors of a SAT checkpoint (nested under model/module/state_dict), read
+    weights-only (tensors, DeepSpeed's fields and SAT's RNG states) unless `unsafe_pickle`."""
+    saved = pickles.load_checkpoint_file(path, unsafe=unsafe_pickle)
     state = saved
     for key in ("model", "module", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and k.startswith(SAT_PREFIX)}
+    tensors = {k: v for k, v in (state.items() if isinstance(state, dict) else ())
+               if isinstance(v, torch.Tensor) and isinstance(k, str) and k.startswith(SAT_PREFIX)}
     if not tensors:
         raise CogtuneError(f"{path} has no {SAT_PREFIX}* tensors: not a SAT CogVideoX checkpoint")
     return tensors
@@ -267,7 +262,7 @@ def convert_sat_lora(sat: dict[str, torch.Tensor], out: Path, variant: str, alph
 
 def convert_sat(ckpt: str | Path, out: str | Path, variant: str, alpha: float | None = None,
                 config: str | Path | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
-                overwrite: bool = False, unsafe_pickle: bool = False) -> Path:
+                overwrite: bool = False, unsafe_pickle: bool | None = None) -> Path:
     """Convert CKPT (SAT full/LoRA checkpoint, or an official-trainer LoRA) into OUT; returns what was written."""
     from ..models.variants import get_variant
     from .shards import check_output_folder, save_transformer_folder
@@ -307,5 +302,5 @@ def register_cli(subparsers) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the checkpoint's)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT folder or an existing LoRA file")
-    p.add_argument("--unsafe-pickle", action="store_true", help="unpickle Python objects in CKPT (trusted files only)")
+    pickles.add_unsafe_argument(p)
     p.set_defaults(func=_cmd_sat)

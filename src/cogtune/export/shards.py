@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -39,6 +40,36 @@ _SAFETENSORS_DTYPE: dict[torch.dtype, str] = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
 _WRITE_CHUNK = 1 << 24  # elements converted and written per call: bounds the temporary copies
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """os.write/pwrite/ftruncate raise without a file name; the user's one line should name the file."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None,
+                     mode: int | None = None) -> None:
+    """safetensors' save_file, but a failed write is an OSError naming the file (safetensors raises its own error
+    with the errno in its text) and leaves no partial file."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
+        if mode is not None:
+            os.chmod(path, mode)
+    except BaseException as e:
+        Path(path).unlink(missing_ok=True)
+        code = re.search(r"(?:os error|code:) (\d+)", str(e)) if not isinstance(e, OSError) else None
+        if code:  # e.g. "I/O error: No space left on device (os error 28)"
+            errno_ = int(code.group(1))
+            raise OSError(errno_, os.strerror(errno_), str(path)) from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -103,6 +134,7 @@ class ShardWriter:
         self._remaining = {k: s.numel for k, s in self.specs.items()}
         self._where: dict[str, tuple[int, int]] = {}  # key -> (fd, byte offset of its data in the file)
         self._fds: list[int] = []
+        self._paths: dict[int, Path] = {}
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             for filename, keys in self.plan.items():
@@ -125,10 +157,13 @@ class ShardWriter:
             offset += spec.nbytes
         head = json.dumps(header, separators=(",", ":")).encode()
         head += b" " * (-len(head) % 8)
-        fd = os.open(self.folder / filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        path = self.folder / filename
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self._fds.append(fd)
-        os.write(fd, len(head).to_bytes(8, "little") + head)
-        os.ftruncate(fd, 8 + len(head) + offset)
+        self._paths[fd] = path
+        with _naming(path):
+            os.write(fd, len(head).to_bytes(8, "little") + head)
+            os.ftruncate(fd, 8 + len(head) + offset)
         base = 8 + len(head)
         for k in order:
             self._where[k] = (fd, base + header[k]["data_offsets"][0])  # type: ignore[index]
@@ -146,8 +181,9 @@ class ShardWriter:
             data = part.view(torch.uint8).numpy() if part.numel() else b""
             position = base + (start + i) * spec.dtype.itemsize
             written = 0
-            while written < len(data):
-                written += os.pwrite(fd, data[written:], position + written)
+            with _naming(self._paths[fd]):
+                while written < len(data):
+                    written += os.pwrite(fd, data[written:], position + written)
         self._remaining[key] -= n
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
@@ -162,7 +198,8 @@ class ShardWriter:
             if unfinished:
                 raise RuntimeError(f"{len(unfinished)} tensors were not written exactly once, e.g. {unfinished[0]}")
             for fd in self._fds:
-                os.fsync(fd)
+                with _naming(self._paths[fd]):
+                    os.fsync(fd)
         finally:
             self._close_fds()
         files = [self.folder / f for f in self.plan]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from cogtune import pickles
 from cogtune.errors import CogtuneError
 from cogtune.export.shards import (CONFIG_NAME, ShardWriter, TensorSpec, model_specs, resolve_dtype, shape_problems,
                                    staged_folder, target_dtype, verify_transformer_folder)
@@ -88,5 +89,7 @@ def add_convert_arguments(p, checkpoint_help: str, convert: Callable[..., Path])
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="output dtype (default fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="split the weights into files of at most this (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (atomically)")
+    pickles.add_unsafe_argument(p)
     p.set_defaults(func=lambda args: convert(args.checkpoint, args.out, args.base, dtype=args.dtype,
-                                             max_shard_size=args.max_shard_size, overwrite=args.overwrite))
+                                             max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                             unsafe_pickle=args.unsafe_pickle))

@@ -11,15 +11,13 @@ per-rank `zero_pp_rank_R_mp_rank_00_model_states.pt`.
 
 One rank's files are loaded at a time (memory-mapped: Adam moments are never read) and each piece is written
 straight to its place in the output files (`ShardWriter`): peak memory is about one rank's fp32 partition.
-DeepSpeed need not be installed: its few pickled classes load through weights-only unpickling with stand-ins.
+DeepSpeed need not be installed: its few pickled classes load through weights-only unpickling with stand-ins
+(`cogtune.pickles`, which also checks every file's CRCs).
 """
 
 from __future__ import annotations
 
-import enum
-import logging
 import math
-import pickle
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,53 +26,25 @@ from typing import Any
 
 import torch
 
+from cogtune import pickles
 from cogtune.errors import CogtuneError
 from cogtune.export.shards import refuse_overlap
 from cogtune.export.to_diffusers import (add_convert_arguments, base_transformer, check_fits, name_prefix, refuse_lora,
                                          write_transformer)
 
-log = logging.getLogger(__name__)
-
 _OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-TRUST_NOTE = "DeepSpeed checkpoints are Python pickles: only convert checkpoints from sources you trust."
+TRUST_NOTE = (f"DeepSpeed checkpoints are Python pickles: they load weights-only (tensors and DeepSpeed's own plain "
+              f"state); {pickles.FLAG} loads anything else, for files you trust.")
 
 
 # --- reading DeepSpeed's pickles without DeepSpeed ------------------------------------------------------------------
 
-class _Record:
-    """Stand-in for DeepSpeed objects pickled as plain attribute bags (loss scalers, fragment addresses)."""
-
-
-_ZeroStage = enum.IntEnum("_ZeroStage", {"disabled": 0, "optimizer_states": 1, "gradients": 2, "weights": 3})
-
-
-_SAFE_GLOBALS = [
-    (_ZeroStage, "deepspeed.runtime.zero.config.ZeroStageEnum"),
-    (_Record, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
-    (_Record, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
-    (_Record, "deepspeed.utils.tensor_fragment.fragment_address"),
-]
-
-
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    """torch.load a DeepSpeed file memory-mapped, weights-only where its pickle allows (with a warning if not)."""
-    try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        reason = f"it pickles {found.group(1)}" if found else "weights-only unpickling refused it"
-        log.warning("%s: %s; loading it with weights_only=False. %s", path, reason, TRUST_NOTE)
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CogtuneError(f"cannot read {path}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}; "
-                           "the file is damaged or incomplete: copy it again") from None
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except ModuleNotFoundError as e:
-        raise CogtuneError(f"cannot read {path}: it pickles classes of a missing module ({e.name}): "
-                           f"pip install {e.name.split('.')[0]}") from None
-    except Exception as e:  # noqa: BLE001 - anything an arbitrary pickle raises becomes one line
-        raise CogtuneError(f"cannot read {path}: {type(e).__name__}: {str(e).strip()[:200]}") from None
+    """A DeepSpeed file, CRC-checked, memory-mapped, weights-only (DeepSpeed's few classes load as stand-ins)."""
+    state = pickles.load_checkpoint_file(path)
+    if not isinstance(state, dict):
+        raise CogtuneError(f"{path} holds a {type(state).__name__}, not a DeepSpeed state dict: not a ZeRO checkpoint")
+    return state
 
 
 # --- finding the checkpoint ---------------------------------------------------------------------------------------
@@ -295,14 +265,19 @@ def _model_state_pieces(layout: ZeroLayout) -> Iterator[Piece]:
 
 def convert_zero(checkpoint_dir: str | Path, out_dir: str | Path, base_model_dir: str | Path,
                  dtype: str | torch.dtype | None = "fp32", max_shard_size: int | str = "5GB",
-                 overwrite: bool = False, quiet: bool = False) -> Path:
+                 overwrite: bool = False, quiet: bool = False, unsafe_pickle: bool | None = None) -> Path:
     """Write the fp32 master weights of a ZeRO-1/2/3 checkpoint as a diffusers transformer folder at `out_dir`.
 
     `dtype`: output dtype of floating tensors ('fp32', 'bf16', 'fp16'; None = fp32, the master weights' own dtype;
     frozen params and buffers stored in 16 bits are upcast). The config is `base_model_dir`'s transformer config;
     the result must have exactly the base model's keys and shapes. Returns `out_dir`.
-    DeepSpeed checkpoints are Python pickles: only convert checkpoints from sources you trust.
+    `unsafe_pickle`: load objects beyond the allow-list (None: as `pickles.allow_unsafe` set it).
     """
+    with pickles.trusting(unsafe_pickle):
+        return _convert_zero(checkpoint_dir, out_dir, base_model_dir, dtype, max_shard_size, overwrite, quiet)
+
+
+def _convert_zero(checkpoint_dir, out_dir, base_model_dir, dtype, max_shard_size, overwrite, quiet) -> Path:
     refuse_overlap(out_dir, inside_ok=True, CHECKPOINT=checkpoint_dir, **{"--base": base_model_dir})
     layout = read_layout(locate_tag_folder(checkpoint_dir))
     config_path, expected = base_transformer(base_model_dir)

@@ -11,7 +11,6 @@ The model is built on the meta device from its config: no weights are read, any 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -19,14 +18,12 @@ import torch
 
 from ..errors import CogtuneError
 from ..export.lora_formats import PREFIX, LoraWeights, read_lora
+from ..models.folder import read_json
 from ..models.variants import detect_variant
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CogtuneError(f"{path}: cannot read ({e.__class__.__name__}); expected a diffusers config.json") from None
+    return read_json(path, "a diffusers config.json")
 
 
 def transformer_config(model_dir: str | Path) -> tuple[dict, dict | None]:
@@ -43,10 +40,9 @@ def transformer_config(model_dir: str | Path) -> tuple[dict, dict | None]:
 
 def model_skeleton(config: dict) -> torch.nn.Module:
     """The transformer of `config` on the meta device (structure and shapes only)."""
-    from diffusers import CogVideoXTransformer3DModel
+    from ..models.cogvideox import transformer_skeleton
 
-    with torch.device("meta"):
-        return CogVideoXTransformer3DModel.from_config(config)
+    return transformer_skeleton(config)
 
 
 def _as_lora(lora) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:

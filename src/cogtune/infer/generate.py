@@ -7,7 +7,6 @@ Three steps, each usable alone: `resolve_settings` (defaults from the variant, c
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import warnings
@@ -22,6 +21,8 @@ from ..data.video import write_mp4
 from ..errors import CogtuneError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_GUIDANCE = 100.0  # far above any useful scale (6 is usual); larger ones only overflow the latents
+MAX_STEPS = 1000  # every CogVideoX scheduler trains on 1000 timesteps; sampling cannot take more
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
 
 
@@ -55,6 +56,22 @@ class LoraSpec:
         return cls(resolve_lora_path(text), weight, name or f"lora{index}")
 
 
+def lora_argument(text: str) -> str:
+    """argparse type of `--lora PATH[:WEIGHT][@NAME]`: a weight that is a number must be finite (checked while the
+    command line is parsed); the path is resolved later, by `LoraSpec.parse`."""
+    import argparse
+
+    head, sep, tail = text.rsplit("@", 1)[0].rpartition(":")
+    try:
+        weight = float(tail) if sep and head else 1.0
+    except ValueError:
+        return text  # not a weight: PATH may hold ':' itself
+    if not math.isfinite(weight):
+        raise argparse.ArgumentTypeError(f"weight {tail} of {text} is not a finite number; write PATH:WEIGHT, "
+                                         f"e.g. {head}:0.8")
+    return text
+
+
 def parse_loras(texts: Sequence[str]) -> list[LoraSpec]:
     specs = [LoraSpec.parse(text, i) for i, text in enumerate(texts)]
     names = [s.name for s in specs]
@@ -66,13 +83,19 @@ def parse_loras(texts: Sequence[str]) -> list[LoraSpec]:
 
 def default_size(model_dir: Path) -> tuple[int, int, int, int]:
     """(frames, height, width, fps): the variant's native ones, or the tiny model's own."""
-    from ..models.cogvideox import resolve_variant
+    from ..models.folder import resolve_variant
+
+    from ..models.folder import read_json
 
     variant = resolve_variant(model_dir)
     tiny = Path(model_dir) / "cogtune_tiny.json"
     if tiny.is_file():
-        t = json.loads(tiny.read_text())
-        return t["frames"], t["height"], t["width"], variant.fps
+        t = read_json(tiny, "the tiny model's sizes")
+        size = tuple(t.get(k) for k in ("frames", "height", "width"))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+            raise CogtuneError(f"{tiny}: frames/height/width must be positive whole numbers, got {size}: "
+                               "write the tiny model again (cogtune tiny DIR --variant V)")
+        return (*size, variant.fps)
     return variant.native_frames, variant.native_height, variant.native_width, variant.fps
 
 
@@ -99,7 +122,7 @@ def _given_or(value, default):
 def resolve_settings(model_dir: str | Path, settings: Settings) -> Settings:
     """Defaults from the variant; a wrong image/frames/size combination is one line, before any weight is read."""
     model_dir = Path(model_dir)
-    from ..models.cogvideox import resolve_variant
+    from ..models.folder import resolve_variant
 
     variant = resolve_variant(model_dir)
     d_frames, d_height, d_width, d_fps = default_size(model_dir)
@@ -125,13 +148,28 @@ def resolve_settings(model_dir: str | Path, settings: Settings) -> Settings:
     if variant.fixed_resolution and (s.height, s.width) != (d_height, d_width):
         raise CogtuneError(f"{variant.name} has learned positional embeddings and only takes {d_height}x{d_width}, "
                            f"not {s.height}x{s.width}: drop --height/--width")
-    if s.steps < 1:
-        raise CogtuneError(f"--steps {s.steps}: give at least 1")
-    if not math.isfinite(s.guidance_scale):
-        raise CogtuneError(f"--guidance-scale {s.guidance_scale}: give a finite number (6 is the usual)")
+    timesteps = _train_timesteps(model_dir)
+    if not 1 <= s.steps <= timesteps:
+        raise CogtuneError(f"--steps {s.steps}: give 1 to {timesteps} (the scheduler's training timesteps)")
+    if not (math.isfinite(s.guidance_scale) and 0 <= s.guidance_scale <= MAX_GUIDANCE):
+        raise CogtuneError(f"--guidance-scale {s.guidance_scale}: give a finite number from 0 to {MAX_GUIDANCE:g} "
+                           "(6 is the usual)")
+    if not 0 <= s.seed < 2**64:
+        raise CogtuneError(f"--seed {s.seed}: give a whole number from 0 to 2**64 - 1")
     if s.image is not None:
         load_image(s.image, s.height, s.width)  # a file that is no image: one line now, not after loading weights
     return s
+
+
+def _train_timesteps(model_dir: Path) -> int:
+    from ..models.folder import read_json
+
+    cfg = read_json(model_dir / "scheduler" / "scheduler_config.json", "the scheduler's config")
+    steps = cfg.get("num_train_timesteps", 1000)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise CogtuneError(f"{model_dir / 'scheduler' / 'scheduler_config.json'}: num_train_timesteps={steps!r} is "
+                           "not a positive whole number; fetch the scheduler config again")
+    return steps
 
 
 def check_video_out(out: str | Path) -> Path:
@@ -183,7 +221,7 @@ def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype:
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     model_dir = Path(model_dir)
-    from ..models.cogvideox import resolve_variant
+    from ..models.folder import resolve_variant
 
     resolve_variant(model_dir)  # clear error for a folder that is not a CogVideoX pipeline
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -192,7 +230,8 @@ def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype:
     torch_dtype = pick_dtype(dtype, cuda)
     for lora in loras:  # all checked before the slow load: one clear line instead of a shape error inside peft
         check_lora_compat(lora.path, model_dir)
-    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True,
+                                             use_safetensors=True)
     with warnings.catch_warnings():  # peft warns on every adapter after the first; several are what we want here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         for lora in loras:
@@ -219,9 +258,14 @@ def load_image(path: str | Path, height: int, width: int):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            return ImageOps.fit(img.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
-    except (OSError, UnidentifiedImageError) as e:
+        with warnings.catch_warnings():  # Pillow only warns below twice its pixel limit; refuse there too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return ImageOps.fit(img.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CogtuneError(f"--image {path}: too many pixels to decode safely ({e.args[0].split(',')[0]}): "
+                           f"scale it down, e.g. to {width}x{height}") from None
+    except (OSError, UnidentifiedImageError, ValueError) as e:
         raise CogtuneError(f"--image {path}: cannot read it as an image ({e.__class__.__name__})") from None
 
 
@@ -251,7 +295,11 @@ def sample(pipe, s: Settings, on_step: StepCallback | None = None, embeds: dict 
             **prompt, num_frames=s.frames, height=s.height, width=s.width, num_inference_steps=s.steps,
             guidance_scale=s.guidance_scale, generator=torch.Generator().manual_seed(s.seed), output_type="np", **extra,
         )
-    return np.asarray(result.frames[0], dtype=np.float32)
+    video = np.asarray(result.frames[0], dtype=np.float32)
+    if not np.isfinite(video).all():  # it would be written as a black video with exit 0
+        raise CogtuneError("the sampled video has NaN/inf values, nothing was written: the weights overflow in this "
+                           "dtype (try --dtype fp32 or bf16) or a --lora weight is too large")
+    return video
 
 
 def generate(model: str | Path, prompt: str, out: str | Path, loras: Sequence[str] = (),
@@ -277,7 +325,7 @@ def generate(model: str | Path, prompt: str, out: str | Path, loras: Sequence[st
 
 def add_sampling_args(p) -> None:
     """Arguments shared by `generate` and `ui` (the model and its adapters)."""
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT][@NAME]",
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT][@NAME]", type=lora_argument,
                    help="LoRA file or folder, repeatable; WEIGHT defaults to 1.0, NAME to lora<i>")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 with CUDA, fp32 on the CPU")
     p.add_argument("--cpu-offload", action="store_true", help="keep idle parts on the CPU (CUDA only)")
@@ -305,6 +353,8 @@ def _cmd_generate(args) -> None:
 
 def register_cli(subparsers) -> None:
     """`cogtune generate`: T2V/I2V with named adapters, optional fusing, or a side-by-side comparison."""
+    from ..cli_types import SEED, float_range, int_range
+
     g = subparsers.add_parser("generate", help="generate a video (T2V or I2V) with optional LoRA adapters")
     g.add_argument("--model", required=True, help="diffusers CogVideoX pipeline folder")
     g.add_argument("--prompt", required=True)
@@ -315,11 +365,11 @@ def register_cli(subparsers) -> None:
     g.add_argument("--compare", action="store_true",
                    help="base, each adapter alone and all together, same seed: one side-by-side mp4 + a PNG sheet")
     g.add_argument("--negative-prompt", default="")
-    g.add_argument("--frames", type=int, help="default: the variant's native count")
-    g.add_argument("--height", type=int, help="default: the variant's native size")
-    g.add_argument("--width", type=int)
-    g.add_argument("--fps", type=int, help="default: the variant's native fps")
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--guidance-scale", type=float, default=6.0)
+    g.add_argument("--frames", type=int_range(1, 1000), help="default: the variant's native count")
+    g.add_argument("--height", type=int_range(16, 4096), help="default: the variant's native size")
+    g.add_argument("--width", type=int_range(16, 4096))
+    g.add_argument("--fps", type=int_range(1, 240), help="default: the variant's native fps")
+    g.add_argument("--steps", type=int_range(1, MAX_STEPS), default=50)
+    g.add_argument("--seed", type=SEED, default=0, help="0 to 2**64 - 1")
+    g.add_argument("--guidance-scale", type=float_range(0, MAX_GUIDANCE), default=6.0)
     g.set_defaults(func=_cmd_generate)

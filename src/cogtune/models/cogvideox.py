@@ -14,7 +14,6 @@ down-weights low-noise timesteps by (1−ᾱ_t).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,7 +22,8 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
 from ..errors import CogtuneError
-from .variants import Variant, detect_variant, get_variant
+from .folder import _read_json, check_model_dir, pick_variant, resolve_variant  # noqa: F401 (their old home)
+from .variants import Variant
 
 MAX_TEXT_TOKENS = 226  # the pipelines' default max_sequence_length
 
@@ -33,31 +33,18 @@ def randn(gens: list[torch.Generator], shape) -> torch.Tensor:
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in gens])
 
 
-def _read_json(path: Path) -> dict:
+def transformer_skeleton(config: dict | str | Path) -> torch.nn.Module:
+    """The transformer of a config (or of a pipeline folder) on the meta device: structure and shapes, no weights."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    if not isinstance(config, dict):
+        config = _read_json(Path(config) / "transformer" / "config.json")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CogtuneError(f"{path}: cannot read ({e.__class__.__name__}); is this a diffusers CogVideoX folder?") from None
-
-
-def check_model_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise CogtuneError(f"model folder {path} does not exist (set model.path to a diffusers CogVideoX pipeline folder)")
-    for need in ("model_index.json", "transformer/config.json", "vae/config.json"):
-        if not (path / need).is_file():
-            raise CogtuneError(f"model folder {path} has no {need}: expected a diffusers pipeline folder")
-    return path
-
-
-def resolve_variant(path: str | Path, override: str | None = None) -> Variant:
-    """The variant of a model folder, read from its configs without loading weights."""
-    path = check_model_dir(path)
-    if override:
-        return get_variant(override)
-    transformer_cfg = _read_json(path / "transformer" / "config.json")
-    vae_cfg = _read_json(path / "vae" / "config.json")
-    return get_variant(detect_variant(transformer_cfg, vae_cfg))
+        with torch.device("meta"):
+            return CogVideoXTransformer3DModel.from_config(config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:  # a config.json with values of the wrong kind
+        raise CogtuneError(f"the transformer's config.json does not build a CogVideoX transformer "
+                           f"({type(e).__name__}: {' '.join(str(e).split())[:200]}): fetch it again") from None
 
 
 class CogVideoXSpec:
@@ -85,7 +72,7 @@ class CogVideoXSpec:
     def load(cls, path: str | Path, variant: str | None = None, dtypes: dict | None = None) -> "CogVideoXSpec":
         var = resolve_variant(path, variant)
         dtype = {"default": torch.float32, **dtypes} if dtypes else torch.float32
-        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True, use_safetensors=True)
         for part in (pipe.transformer, pipe.vae, pipe.text_encoder):
             part.requires_grad_(False)
         return cls(pipe, var, str(path))

@@ -19,7 +19,11 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from cogtune.errors import CogtuneError
+from cogtune.errors import CogtuneError, bounded
+
+
+class UndetectableVariant(CogtuneError):
+    """The configs match no official variant (a custom model): only here may a given `model.variant` decide."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ def get_variant(name: str) -> Variant:
     try:
         return VARIANTS[name]
     except KeyError:
-        raise CogtuneError(f"unknown model variant {name!r}: use one of {', '.join(VARIANTS)}") from None
+        raise CogtuneError(f"unknown model variant {bounded(name)!r}: use one of {', '.join(VARIANTS)}") from None
 
 
 # --- the real published configs ---------------------------------------------------------------------------------
@@ -144,8 +148,8 @@ def detect_variant(transformer_config: dict[str, Any], vae_config: dict[str, Any
     cfg = transformer_config
     in_ch, out_ch = cfg.get("in_channels", 16), cfg.get("out_channels") or 16
     if in_ch not in (out_ch, 2 * out_ch):
-        raise CogtuneError(f"transformer in_channels={in_ch}: not a CogVideoX variant (expected {out_ch} for T2V "
-                           f"or {2 * out_ch} for I2V); pass the variant explicitly if this is a custom model")
+        raise UndetectableVariant(f"transformer in_channels={in_ch}: not a CogVideoX variant (expected {out_ch} for "
+                                  f"T2V or {2 * out_ch} for I2V); set model.variant if this is a custom model")
     i2v = in_ch == 2 * out_ch
     if cfg.get("patch_size_t") is not None:
         name = "cogvideox1.5-5b-i2v" if i2v else "cogvideox1.5-5b"
@@ -154,8 +158,8 @@ def detect_variant(transformer_config: dict[str, Any], vae_config: dict[str, Any
     elif not i2v:
         name = "cogvideox-2b"
     else:
-        raise CogtuneError("transformer has I2V inputs (in_channels=32) but no rotary embeddings: no official "
-                           "CogVideoX variant looks like that; pass the variant explicitly if this is a custom model")
+        raise UndetectableVariant("transformer has I2V inputs (in_channels=32) but no rotary embeddings: no official "
+                                  "CogVideoX variant looks like that; set model.variant if this is a custom model")
     if vae_config is not None and "scaling_factor" in vae_config:
         expected = _VAE_BASE["scaling_factor"] if name != "cogvideox-2b" else _VAE["cogvideox-2b"]["scaling_factor"]
         if abs(float(vae_config["scaling_factor"]) - expected) > 1e-6:

@@ -33,6 +33,8 @@ def parse_size(text: str) -> float:
     if not m:
         raise CogtuneError(f"--gpu-memory {text!r}: expected a size like 24GB, 80GiB or 48")
     value = float(m.group(1))
+    if not value > 0:
+        raise CogtuneError(f"--gpu-memory {text!r}: give a size above zero, like 24GB")
     return value / 1024 if (m.group(2) or "g").startswith("m") else value
 
 
@@ -98,6 +100,8 @@ class _ValueThenOverrides(argparse.Action):
 
 def register_cli(subparsers) -> None:
     """Adds `cogtune plan CONFIG [--gpu-memory 24GB] [key=value ...]` to the top-level subparsers."""
+    from ..cli_types import int_range
+
     p = subparsers.add_parser("plan", help="predict peak GPU and host memory of a run; propose switches that fit a GPU")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -106,7 +110,8 @@ def register_cli(subparsers) -> None:
                    **extra)
     p.add_argument("--variant", help="plan for this variant (default: model.variant or the model folder's configs)",
                    **extra)
-    p.add_argument("--world-size", type=int, help="processes in all (default: $WORLD_SIZE or 1)", **extra)
+    p.add_argument("--world-size", type=int_range(1, 65536), help="processes in all (default: $WORLD_SIZE or 1)",
+                   **extra)
     p.set_defaults(func=_cmd_plan, late_overrides=[])
 
 
@@ -176,6 +181,8 @@ def write_presets(out_dir: str | Path) -> list[tuple[str, ...]]:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 head = (f"# {variant} {method} on one {gib:g} GiB GPU: the cheapest switches that fit by `cogtune plan "
                         f"--gpu-memory {gpu_name}`\n# (step time ×{p.cost:.2f} of none). Predicted: {figures}.\n"
+                        f"# Fits a {PRESET_PATHS[variant]} folder: model.variant is checked against the folder's "
+                        f"configs, so another variant's folder is refused.\n"
                         f"# Regenerate with: python -m cogtune.plan.cli --write-presets configs\n")
                 path.write_text(head + yaml.safe_dump(tree, sort_keys=False))
                 rows.append((variant, method, gpu_name, " ".join(p.overrides) or "(none)", f"×{p.cost:.2f}", figures))

@@ -136,17 +136,16 @@ def _stats(transformer_json: str, vae_json: str, t5_json: str) -> ModelStats:
 
 def model_stats(cfg: TrainConfig, variant: str | None = None) -> tuple[str, ModelStats]:
     """(variant name, stats) from the model folder's configs when it exists, else from the variant's real configs."""
-    from ..models.variants import detect_variant, get_variant, real_configs
+    from ..models.variants import get_variant, real_configs
 
     path = Path(cfg.model.path)
     if path.exists():
-        from ..models.cogvideox import _read_json, check_model_dir
-
-        check_model_dir(path)
+        from ..models.folder import _read_json, pick_variant  # planning reads these configs only
         tcfg, vcfg = _read_json(path / "transformer" / "config.json"), _read_json(path / "vae" / "config.json")
         t5 = path / "text_encoder" / "config.json"
         t5cfg = {**T5_XXL, **{k: v for k, v in _read_json(t5).items() if k in T5_XXL}} if t5.is_file() else T5_XXL
-        name = get_variant(variant or cfg.model.variant or detect_variant(tcfg, vcfg)).name
+        given, key = (variant, "--variant") if variant else (cfg.model.variant, "model.variant")
+        name = pick_variant(tcfg, vcfg, given, path, key).name  # a given variant must agree with the folder
     else:
         name = variant or cfg.model.variant
         if not name:

@@ -6,6 +6,7 @@ holding `trainer_state.json` count, so a write killed midway leaves the previous
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -13,10 +14,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from .. import pickles
 from ..errors import CogtuneError
-from ..export.shards import new_file_mode
+from ..export.shards import new_file_mode, read_safetensors_header, save_safetensors
 
 STATE = "trainer_state.json"
 TRAINABLE = "trainable.safetensors"
@@ -92,8 +94,7 @@ def install_trainable_only_hooks(accelerator, model) -> None:
         unwrapped = accelerator.unwrap_model(model)
         state = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
         if accelerator.is_main_process:
-            save_file(state, str(Path(output_dir) / TRAINABLE))
-            os.chmod(Path(output_dir) / TRAINABLE, new_file_mode())  # like the checkpoint's other files
+            save_safetensors(state, Path(output_dir) / TRAINABLE, mode=new_file_mode())  # like its other files
         weights.clear()
 
     def load_hook(models, input_dir):
@@ -133,9 +134,9 @@ def load_sharded(path: Path, model, optimizer, scheduler) -> None:
         raise CogtuneError(f"resume: {path} holds no {SHARDED}/ folder; it was not written by an fsdp2 run")
     model_state, optim_state = get_state_dict(model, optimizer)  # initialises the optimizer state to load into
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(path / SHARDED))
+    dcp.load(state, storage_reader=pickles.dcp_reader(path / SHARDED))  # .metadata without plain pickle.load
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    scheduler.load_state_dict(torch.load(path / "scheduler.bin", weights_only=True))
+    scheduler.load_state_dict(pickles.load_checkpoint_file(path / "scheduler.bin", mmap=False))
 
 
 def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, config: dict, keep_last: int | None,
@@ -144,16 +145,15 @@ def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, conf
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    if sharded:
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_sharded(accelerator, tmp, *sharded)
-    else:
-        accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        _write_checkpoint(accelerator, tmp, trainer_state, config, sharded)
+    except BaseException as e:  # a full disk, a second signal: no half-written folder stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, RuntimeError) and any(m in str(e) for m in ("write", "inline_container", "StreamWriter")):
+            # torch.save's failed write is a RuntimeError without an errno
+            raise OSError(_write_errno(out), os.strerror(_write_errno(out)), str(tmp)) from None
+        raise
     if accelerator.is_main_process:
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        (tmp / STATE).write_text(json.dumps(trainer_state, indent=1))  # last: its presence marks completeness
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -164,9 +164,63 @@ def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, conf
     return final
 
 
+def _write_errno(out: Path) -> int:
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return errno.EFBIG
+    return errno.ENOSPC if shutil.disk_usage(out).free < 64 << 20 else errno.EIO
+
+
+def _write_checkpoint(accelerator, tmp: Path, trainer_state: dict, config: dict, sharded: tuple | None) -> None:
+    accelerator.wait_for_everyone()
+    if sharded:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_sharded(accelerator, tmp, *sharded)
+    else:
+        accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        (tmp / STATE).write_text(json.dumps(trainer_state, indent=1))  # last: its presence marks completeness
+
+
+def _damaged(path: Path, file: Path, why: str) -> CogtuneError:
+    others = [p.name for p in checkpoints(path.parent) if p.resolve() != path.resolve()]
+    return CogtuneError(f"resume: {file} is damaged ({why}); resume from an earlier checkpoint with resume=PATH "
+                        f"({', '.join(others) if others else 'there is none in ' + str(path.parent)})")
+
+
+def _read_json(path: Path, file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _damaged(path, file, f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise _damaged(path, file, "not a JSON object")
+    return value
+
+
 def check_resumable(path: Path, current_config: dict) -> None:
-    """A checkpoint only continues the run that wrote it: said before anything is loaded or cached."""
-    check_compatible(json.loads((path / "config.json").read_text()), current_config, path)
+    """A checkpoint only continues the run that wrote it, and must be intact: said before anything is loaded."""
+    state = _read_json(path, path / STATE)
+    step, sampler = state.get("step"), state.get("sampler")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(sampler, dict):
+        raise _damaged(path, path / STATE, "its 'step' must be a whole number >= 0 and 'sampler' an object")
+    check_compatible(_read_json(path, path / "config.json"), current_config, path)
+    trainable = path / TRAINABLE
+    if trainable.is_file():  # the header, and a size that holds all the data it lists
+        try:
+            header = read_safetensors_header(trainable)
+            with open(trainable, "rb") as f:
+                head = int.from_bytes(f.read(8), "little")
+            need = 8 + head + max(
+                [e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"], default=0)
+        except (CogtuneError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+            raise _damaged(path, trainable, f"not a safetensors file: {str(e)[:120]}") from None
+        if trainable.stat().st_size < need:
+            raise _damaged(path, trainable, f"truncated: {trainable.stat().st_size} of {need} bytes")
+    pickles.check_folder(path)  # intact, and nothing in its pickles but tensors and harmless state (or --unsafe-pickle)
 
 
 def load_checkpoint(accelerator, path: Path, current_config: dict, sharded: tuple | None = None) -> dict:
@@ -174,5 +228,5 @@ def load_checkpoint(accelerator, path: Path, current_config: dict, sharded: tupl
     if sharded:
         load_sharded(path, *sharded)
     else:
-        accelerator.load_state(str(path))
+        accelerator.load_state(str(path), load_kwargs={"weights_only": False} if pickles.unsafe_allowed() else None)
     return json.loads((path / STATE).read_text())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.buckets import BucketBatchSampler
 from ..errors import CogtuneError
-from ..models import load_spec, resolve_variant
+from ..models import load_spec, resolve_variant, transformer_skeleton
 from .block_offload import block_offload
 from .checkpoint import (check_fresh_output, check_resumable, install_trainable_only_hooks, load_checkpoint,
                          resolve_resume, save_checkpoint)
@@ -34,7 +33,8 @@ from .distributed import is_sharded, make_accelerator, world_size
 from .encode import collate, prepare_data
 from .memory import check_switches, encoder_dtype, every_kth_checkpointing, fp8_storage, make_optimizer
 from .metrics import MetricsLog
-from .outputs import save_outputs
+from .outputs import rescue, rescue_folders, save_outputs, save_rescue
+from .runlock import RunLock, StopFlag, Stopped, check_not_live
 from .summary import memory_forecast, run_summary
 
 log = logging.getLogger("cogtune")
@@ -52,6 +52,7 @@ class TrainResult:
     spec: object = field(repr=False)
     interrupted: bool = False
     checkpoint: Path | None = None
+    message: str = ""  # what an interrupted run saved and how to continue
 
     @property
     def lora_path(self) -> Path | None:
@@ -120,33 +121,6 @@ def make_validator(spec, cfg: TrainConfig):
                      spec.variant.fps)
 
 
-class StopFlag:
-    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the next step boundary (a second signal is final)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("signal %d: saving a checkpoint at the end of this step, then stopping", signum)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def prefetched(sampler, load, in_ram=lambda: False):
     """Yields (sampler state once this batch is done, batch). While batches come from disk, the next one is read and
     collated on a thread as the caller trains on this one; once `in_ram()`, on the caller's thread (a thread only
@@ -176,10 +150,33 @@ def any_rank(accelerator, flag: bool) -> bool:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    """SIGTERM/SIGINT never lose finished steps: before the first step (caching, loading, step-0 validation) the run
+    stops at once; later, validation is abandoned and a checkpoint (or the final outputs) is saved first."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise CogtuneError(f"output_dir {out} is a file, not a folder: choose another output_dir")
+    check_not_live(out)  # before anything is read, deleted or written
+    lock = RunLock(out)
+    with StopFlag() as stop:
+        try:
+            return _train(cfg, out, lock, stop)
+        except Stopped:
+            again = "resume=latest continues from the last checkpoint" if cfg.resume else "run it again to start"
+            return TrainResult(0, 0, [], {}, None, None, True, None,
+                               f"stopped before any new step was trained (clips cached so far stay cached); {again}")
+        finally:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> TrainResult:
     variant = resolve_variant(cfg.model.path, cfg.model.variant)
     problem = variant.check_frames(cfg.data.frames)
     if problem:
         raise CogtuneError(f"data.frames={cfg.data.frames}: {problem}")
+    if cfg.method == "lora":  # a name that matches nothing (or a LayerNorm): one line now, not after caching
+        from .lora import check_targets
+
+        check_targets(transformer_skeleton(cfg.model.path), cfg.lora.target_modules)
     check_switches(cfg, world_size())  # before any process group exists
     accelerator = make_accelerator(cfg)
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -191,19 +188,20 @@ def train(cfg: TrainConfig) -> TrainResult:
         forecast = memory_forecast(cfg, world, torch.cuda.get_device_properties(device).total_memory)
         if forecast:
             (tqdm.write if forecast[1] else log.warning)(forecast[0])
-    out = Path(cfg.output_dir)
     run_config = cfg.model_dump(mode="json") | {"world_size": world}
     resume_from = resolve_resume(cfg.resume, out)  # before anything is written: a bad path fails fast
     if resume_from is not None:
         check_resumable(resume_from, run_config)
-    stale = check_fresh_output(out, cfg.overwrite) if cfg.resume is None else []
+    stale = check_fresh_output(out, cfg.overwrite) if resume_from is None else []  # resume=auto without one too
     accelerator.wait_for_everyone()  # every rank has looked before the main one changes anything
     if main:
+        lock.acquire()
         for path in stale:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
 
+    stop.at_once(True)  # until the first step nothing new is trained: a signal stops at once
     # read each part in the dtype it trains or encodes in: a 5B LoRA run needs ~20 GB of host RAM, not ~40
     enc = encoder_dtype(cfg, device)
     frozen = WEIGHT_DTYPES[cfg.mixed_precision] if cfg.method == "lora" else torch.float32
@@ -245,13 +243,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         heldout = [data.dataset[i] for i in range(min(cfg.validation.heldout_clips, len(data.dataset)))]
         everyone = is_sharded(cfg)  # sharded weights: every rank must run each forward pass
 
-        def validate(at: int) -> None:
-            if cfg.validation.heldout_loss and (main or everyone):
-                value = heldout_loss(spec, transformer, heldout, cfg.seed, cfg.loss, device)
-                metrics.log(at, heldout_loss=value)
-            if validator is not None and at > 0 and (main or everyone):
-                validator(transformer, out / "validation" / f"step-{at}", device, accelerator.autocast,
-                          metrics.tensorboard, at, write=main)
+        def validate(at: int) -> None:  # a signal abandons it (unless every rank takes part) and is noted
+            try:
+                with stop.abandonable(at == 0 or not (everyone and world > 1)):
+                    if cfg.validation.heldout_loss and (main or everyone):
+                        value = heldout_loss(spec, transformer, heldout, cfg.seed, cfg.loss, device)
+                        metrics.log(at, heldout_loss=value)
+                    if validator is not None and at > 0 and (main or everyone):
+                        validator(transformer, out / "validation" / f"step-{at}", device, accelerator.autocast,
+                                  metrics.tensorboard, at, write=main)
+            except Stopped:
+                if at == 0:
+                    raise
+                log.warning("validation at step %d abandoned", at)
 
         sampler_state = sampler.state_dict()
 
@@ -262,6 +266,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         if step == 0:
             validate(0)
+        stop.at_once(False)
         accum = cfg.gradient_accumulation_steps
 
         def load_batch(indices: list[int]) -> dict:
@@ -270,76 +275,84 @@ def train(cfg: TrainConfig) -> TrainResult:
         bar = tqdm(total=cfg.max_steps, initial=step, desc="training", disable=not main, dynamic_ncols=True)
         micro, t0, interrupted, last_ckpt, skipped_steps, step_loss = 0, time.perf_counter(), False, resume_from, 0, 0.0
         deepspeed, skip = accelerator.distributed_type.name == "DEEPSPEED", False
-        with StopFlag() as stop:
-            while step < cfg.max_steps and not interrupted:
-                for sampler_state, batch in prefetched(sampler, load_batch, lambda: data.dataset.all_in_ram):
-                    size = len(batch["paths"])
-                    with accelerator.accumulate(model):
-                        position = ((micro % accum) * world + rank) * size
-                        gens = sample_generators(cfg.seed, step, position, size)
-                        loss = spec.training_loss(model, batch, gens, loss_cfg=cfg.loss, i2v_cfg=cfg.i2v)
-                        loss_f = loss.item()  # the step's one host sync
-                        if any_rank(accelerator, not math.isfinite(loss_f)):
-                            mine = batch["paths"] if not math.isfinite(loss_f) else []
-                            where = f"non-finite loss at step {step + 1} on {', '.join(sorted(set(gather_object(mine))))}"
+        while step < cfg.max_steps and not interrupted:
+            for sampler_state, batch in prefetched(sampler, load_batch, lambda: data.dataset.all_in_ram):
+                size = len(batch["paths"])
+                with accelerator.accumulate(model):
+                    position = ((micro % accum) * world + rank) * size
+                    gens = sample_generators(cfg.seed, step, position, size)
+                    loss = spec.training_loss(model, batch, gens, loss_cfg=cfg.loss, i2v_cfg=cfg.i2v)
+                    loss_f = loss.item()  # the step's one host sync
+                    if any_rank(accelerator, not math.isfinite(loss_f)):
+                        mine = batch["paths"] if not math.isfinite(loss_f) else []
+                        where = f"non-finite loss at step {step + 1} on {', '.join(sorted(set(gather_object(mine))))}"
+                        if cfg.on_nonfinite == "stop":
+                            keep = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                            raise CogtuneError(f"{where}; {keep} (on_nonfinite: skip_step skips such steps)")
+                        log.warning("%s: step skipped", where)
+                        skip = True
+                        loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # every rank still runs the same collectives
+                        loss_f = 0.0
+                    if not (skip and in_backward):  # in backward, the step happens in there
+                        accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients and not deepspeed and o.max_grad_norm:  # DeepSpeed: its own
+                        grad_norm = accelerator.clip_grad_norm_(params, o.max_grad_norm)
+                        grad_norm = None if grad_norm is None else float(grad_norm)
+                        if grad_norm is not None and not math.isfinite(grad_norm):
                             if cfg.on_nonfinite == "stop":
-                                keep = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
-                                raise CogtuneError(f"{where}; {keep} (on_nonfinite: skip_step skips such steps)")
-                            log.warning("%s: step skipped", where)
+                                raise CogtuneError(f"non-finite gradient at step {step + 1} (clips "
+                                                   f"{', '.join(batch['paths'])}); the weights were not updated")
                             skip = True
-                            loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # every rank still runs the same collectives
-                            loss_f = 0.0
-                        if not (skip and in_backward):  # in backward, the step happens in there
-                            accelerator.backward(loss)
-                        grad_norm = None
-                        if accelerator.sync_gradients and not deepspeed and o.max_grad_norm:  # DeepSpeed: its own
-                            grad_norm = accelerator.clip_grad_norm_(params, o.max_grad_norm)
-                            grad_norm = None if grad_norm is None else float(grad_norm)
-                            if grad_norm is not None and not math.isfinite(grad_norm):
-                                if cfg.on_nonfinite == "stop":
-                                    raise CogtuneError(f"non-finite gradient at step {step + 1} (clips "
-                                                       f"{', '.join(batch['paths'])}); the weights were not updated")
-                                skip = True
-                        if accelerator.sync_gradients and skip and not deepspeed:
-                            skipped_steps += 1  # no optimizer or schedule step: the weights stay as they were
-                        else:
-                            optimizer.step()
-                            lr_scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    micro += 1
-                    step_loss += loss_f / accum
-                    if not accelerator.sync_gradients:
-                        continue
-                    step += 1
-                    row_extra = {"skipped": True} if skip else {}
-                    skip = False
-                    # the mean over the whole global batch: every micro-batch of every rank
-                    loss_value = step_loss if world == 1 else accelerator.reduce(
-                        torch.tensor(step_loss, device=device), reduction="mean").item()
-                    step_loss = 0.0
-                    lr = lr_scheduler.get_last_lr()[0]
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-                    bar.update(1)  # redraws at most every mininterval
-                    if step % cfg.log_every == 0 or step == cfg.max_steps:
-                        row = dict(loss=loss_value, lr=lr, elapsed_s=round(time.perf_counter() - t0, 3))
-                        if grad_norm is not None:
-                            row["grad_norm"] = grad_norm
-                        metrics.log(step, **row, **row_extra)
-                    if cfg.validation.every_steps and step % cfg.validation.every_steps == 0 and step < cfg.max_steps:
-                        validate(step)
-                    if any_rank(accelerator, stop.requested):
-                        last_ckpt, interrupted = checkpoint(step), True
-                        break
-                    if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                        last_ckpt = checkpoint(step)
-                    if step >= cfg.max_steps:
-                        break
+                    if accelerator.sync_gradients and skip and not deepspeed:
+                        skipped_steps += 1  # no optimizer or schedule step: the weights stay as they were
+                    else:
+                        optimizer.step()
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                step_loss += loss_f / accum
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                row_extra = {"skipped": True} if skip else {}
+                skip = False
+                # the mean over the whole global batch: every micro-batch of every rank
+                loss_value = step_loss if world == 1 else accelerator.reduce(
+                    torch.tensor(step_loss, device=device), reduction="mean").item()
+                step_loss = 0.0
+                lr = lr_scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)  # redraws at most every mininterval
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    row = dict(loss=loss_value, lr=lr, elapsed_s=round(time.perf_counter() - t0, 3))
+                    if grad_norm is not None:
+                        row["grad_norm"] = grad_norm
+                    metrics.log(step, **row, **row_extra)
+                if cfg.validation.every_steps and step % cfg.validation.every_steps == 0 and step < cfg.max_steps:
+                    validate(step)
+                if any_rank(accelerator, stop.requested):
+                    last_ckpt, interrupted = checkpoint(step), True
+                    break
+                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                    last_ckpt = checkpoint(step)
+                if step >= cfg.max_steps:
+                    break
         bar.close()
         if interrupted:
-            return TrainResult(step, len(data.dataset), data.skipped, {}, transformer, spec, True, last_ckpt)
-        validate(step)
+            return TrainResult(step, len(data.dataset), data.skipped, {}, transformer, spec, True, last_ckpt,
+                               f"stopped at step {step}; checkpoint: {last_ckpt} (resume=latest continues it)")
+        validate(step)  # a signal here skips the videos; the outputs are saved all the same
         accelerator.wait_for_everyone()
-        outputs = save_outputs(accelerator, model, spec, cfg, step)
+        try:
+            outputs = save_outputs(accelerator, model, spec, cfg, step)
+        except OSError as e:  # on the main process: save the weights elsewhere first (one process: no collectives)
+            attempts = [] if world > 1 else [
+                ("once fixed, run the same command with resume={where} (it saves the outputs without training again)",
+                 lambda: checkpoint(step))] + [
+                ("use it as it is, or copy it into the output_dir", partial(save_rescue, accelerator, model, spec, cfg,
+                                                                           step, folder)) for folder in rescue_folders()]
+            raise rescue(e, attempts, last_ckpt) from None
         accelerator.end_training()
         return TrainResult(step, len(data.dataset), data.skipped, outputs, transformer, spec, False, last_ckpt)
     finally:
