@@ -65,7 +65,7 @@ def bare_steps(cfg, args) -> list[float]:
     gen = torch.Generator().manual_seed(0)
     video = torch.rand(1, cfg.data.frames, 3, cfg.data.height, cfg.data.width, generator=gen) * 2 - 1
     batch = {k: v for k, v in spec.encode_videos(video).items()}
-    batch["prompt_embeds"] = spec.encode_prompts(["a red circle moving left on a white background"])
+    batch |= spec.encode_prompts(["a red circle moving left on a white background"])
     transformer = spec.transformer
     add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
     spec.cast(torch.float32)
@@ -77,7 +77,7 @@ def bare_steps(cfg, args) -> list[float]:
     for step in range(args.steps):
         t0 = time.perf_counter()
         gens = sample_generators(cfg.seed, step, 0, 1)
-        loss = spec.training_loss(transformer, batch, gens, loss_cfg=cfg.loss, i2v_cfg=cfg.i2v)
+        loss = spec.training_loss(transformer, batch, gens)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
         opt.step()

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(variant) -> path of a tiny random-weight pipeline folder (built once per variant)."""
-    from cogtune.models.tiny import write_tiny_pipeline
+    from cogtune.models import write_tiny_pipeline
 
     made: dict[str, object] = {}
 
@@ -37,13 +37,13 @@ def synth_data(tmp_path_factory):
 def tiny_train_config(model, data, out, **overrides):
     """A TrainConfig for the tiny model, sized like the quickstart; keyword args override dotted keys (a__b → a.b)."""
     from cogtune.config import load_config
-    from cogtune.models.tiny import TINY_DEFAULTS
-    from cogtune.models.cogvideox import resolve_variant
+    from cogtune.models import resolve_variant
 
-    size = TINY_DEFAULTS[resolve_variant(model).name]
+    facts = resolve_variant(model)  # a tiny model is native at its own size
     tree = {
         "model": {"path": str(model)},
-        "data": {"root": str(data), "frames": size["frames"], "height": size["height"], "width": size["width"]},
+        "data": {"root": str(data), "frames": facts.native_frames, "height": facts.native_height,
+                 "width": facts.native_width},
         "output_dir": str(out),
         "max_steps": 4,
         "mixed_precision": "no",

@@ -98,7 +98,7 @@ def test_build_load_and_second_build_encodes_nothing(data, tmp_path, spec) -> No
         got = cache.load(item)
         assert set(got) == {"latent_mean", "latent_logvar"}
         assert all(torch.equal(got[k], want[k][0]) for k in want)
-        assert torch.equal(cache.prompt(item.caption), spec.encode_prompts([item.caption])[0])
+        assert torch.equal(cache.prompt(item.caption)["prompt_embeds"], spec.encode_prompts([item.caption])["prompt_embeds"][0])
     assert cache.check(items).ready == list(range(6))
     sample = CachedClips(cache, items)[2]
     assert sample["prompt_embeds"].shape == (226, 32) and sample["latent_mean"].shape == (16, 3, 4, 6)

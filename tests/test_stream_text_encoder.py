@@ -21,11 +21,11 @@ def test_streamed_embeddings_equal_the_resident_ones(tiny_model):
     streamed.encoders_to(torch.device("cpu"), stream_text=True)
     hooked = [m for m in streamed.pipe.text_encoder.modules() if getattr(m, "_diffusers_hook", None) is not None]
     assert hooked, "no group-offloading hooks were installed"
-    want = resident.encode_prompts(CAPTIONS)
+    want = resident.encode_prompts(CAPTIONS)["prompt_embeds"]
     # the streamed weights are copies at other addresses, and CPU kernels may pick their reduction order by
     # alignment: equal up to 16 fp32 ulps of the output's scale (a wrong layer's weights are off by far more)
     eps = torch.finfo(want.dtype).eps
-    torch.testing.assert_close(streamed.encode_prompts(CAPTIONS), want, rtol=16 * eps,
+    torch.testing.assert_close(streamed.encode_prompts(CAPTIONS)["prompt_embeds"], want, rtol=16 * eps,
                                atol=16 * eps * float(want.abs().max()))
     streamed.encode_videos(torch.zeros(1, 9, 3, 32, 48))  # the VAE's turn leaves the streamed T5 where it is
     streamed.encoders_for_training(text=False, vae=False)

@@ -12,7 +12,7 @@ from .errors import CogtuneError, one_line, os_error_text
 
 
 def _cmd_tiny(args) -> None:
-    from .models.tiny import write_tiny_pipeline
+    from .models import write_tiny_pipeline
 
     path = write_tiny_pipeline(args.dir, args.variant, seed=args.seed)
     print(f"wrote tiny {args.variant} pipeline to {path}")
@@ -46,8 +46,7 @@ def _cmd_data_cache(args) -> None:
 
 def _model_facts(model_cfg):
     """(fps, allowed frame counts) of a config's model for `data check`, or None without a folder or variant."""
-    from .models import resolve_variant
-    from .models.variants import get_variant
+    from .models import get_variant, resolve_variant
 
     if os.path.exists(model_cfg.path):  # the folder's own configs decide; a model.variant must agree with them
         v = resolve_variant(model_cfg.path, model_cfg.variant, weights=False)
@@ -105,15 +104,15 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .cli_types import SEED, int_range
-    from .models.variants import VARIANTS
+    from .models import all_variants
 
-    p = Parser(prog="cogtune", description="Fine-tune CogVideoX models; outputs load in stock diffusers.")
+    p = Parser(prog="cogtune", description="Fine-tune video diffusion models; outputs load in stock diffusers.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("tiny", help="write a tiny random-weight pipeline folder of a variant (no download)")
     t.add_argument("dir")
-    t.add_argument("--variant", default="cogvideox-5b", choices=sorted(VARIANTS))
+    t.add_argument("--variant", default="cogvideox-5b", choices=sorted(all_variants()))
     t.add_argument("--seed", type=SEED, default=0)
     t.set_defaults(func=_cmd_tiny)
 

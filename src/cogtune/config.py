@@ -110,10 +110,11 @@ class SchedulerConfig(_Section):
 
 
 class LossConfig(_Section):
-    # official: w = 1/(1-ᾱ_t) on the x0 error, which equals plain MSE on v (see models/cogvideox.py)
-    weighting: Literal["official", "none"] = "official"
-    # uniform: t ~ U{0..T-1} (official). logit_normal: u = sigmoid(N(logit_mean, logit_std)), then
-    # u' = shift·u / (1 + (shift−1)·u) (shift > 1 favours noisier timesteps), t = round(u'·(T−1)).
+    # default: the objective's own weighting (v-prediction: w = 1/(1-ᾱ_t) on the x0 error, which equals plain MSE on
+    # v; flow matching: none); "official" is the old name of "default". See cogtune/objectives.py.
+    weighting: Literal["default", "official", "none"] = "default"
+    # uniform: t ~ U{0..T-1} (v-prediction) or σ ~ U(0, 1) (flow matching). logit_normal: u = sigmoid(N(logit_mean,
+    # logit_std)). Either is shifted: u' = shift·u / (1 + (shift−1)·u) (shift > 1 favours noisier points).
     timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
@@ -198,7 +199,7 @@ class ValidationConfig(_Section):
     prompts: list[str] = []  # videos generated with the current weights every_steps and at the end
     images: list[Path] = []  # I2V: one conditioning image per prompt
     inference_steps: int = Field(25, ge=1, le=1000)  # the schedulers have 1000 training timesteps
-    guidance_scale: float = Field(6.0, ge=0)
+    guidance_scale: float | None = Field(None, ge=0)  # None: the model's default (ModelFacts.guidance)
     seed: Seed = 0
     frames: int | None = Field(None, ge=1, le=1025)  # None: data.frames / height / width
     height: int | None = Field(None, ge=16, le=8192)

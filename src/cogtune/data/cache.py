@@ -2,7 +2,7 @@
 
 Layout under `root`:
     videos/<k[:2]>/<k>.safetensors      one clip: the tensors encode_video returned, batch dim dropped
-    prompts/<k[:2]>/<k>.safetensors     one caption: {"prompt_embeds": [L, D]}
+    prompts/<k[:2]>/<k>.safetensors     one caption: its text encodings, e.g. {"prompt_embeds": [L, D]}
     failed/<k>.json                     a clip its loader could not read: {"source", "reason"}
 Every entry's safetensors metadata holds the cache format, its key, kind, source and the fingerprint JSON it was
 made from.
@@ -244,10 +244,10 @@ class LatentCache:
         """`load` for a key resolved earlier with `video_key` (saves a stat of the source per read)."""
         return self._read(self._path("videos", key), key, what)
 
-    def prompt(self, caption: str) -> torch.Tensor:
-        """The embedding of one caption, [L, D]. Raises CacheError."""
+    def prompt(self, caption: str) -> dict[str, torch.Tensor]:
+        """The text encodings of one caption (e.g. {"prompt_embeds": [L, D]}). Raises CacheError."""
         key = self.prompt_key(caption)
-        return self._read(self._path("prompts", key), key, f"prompt {caption!r}")[PROMPT_TENSOR]
+        return self._read(self._path("prompts", key), key, f"prompt {caption!r}")
 
     def check(self, items: Sequence[CacheItem]) -> CacheCheck:
         """Which items are ready to train on (header checks only; run after every rank's build has finished)."""
@@ -298,11 +298,12 @@ class LatentCache:
         return self.build_prompts(captions, encode_prompt, rank, world_size, progress, prompt_batch_size).merge(
             self.build_videos(items, load_video, encode_video, rank, world_size, progress, retry_failed))
 
-    def build_prompts(self, captions: Sequence[str], encode_prompt: Callable[[list[str]], torch.Tensor],
+    def build_prompts(self, captions: Sequence[str], encode_prompt: Callable[[list[str]], dict[str, torch.Tensor]],
                       rank: int = 0, world_size: int = 1, progress: bool = True,
                       batch_size: int = 8) -> CacheReport:
         """Encode this rank's share (split by key: pass the same captions on every rank) of the unique captions
-        not yet cached. encode_prompt(n captions) -> Tensor [n, L, D]; a failed batch is reported and skipped."""
+        not yet cached. encode_prompt(n captions) -> {name: Tensor [n, ...]} (a bare tensor is taken as
+        {"prompt_embeds": it}); a failed batch is reported and skipped."""
         t0, report = time.perf_counter(), CacheReport(rank, world_size)
         mine = sorted((self.prompt_key(c), c) for c in dict.fromkeys(captions))[rank::world_size]
         report.prompts_total = len(mine)
@@ -313,16 +314,23 @@ class LatentCache:
                 try:
                     with torch.no_grad():
                         embeds = encode_prompt([c for _, c in chunk])
-                    if not isinstance(embeds, torch.Tensor) or embeds.ndim < 2 or embeds.shape[0] != len(chunk):
-                        raise ValueError(f"encode_prompt returned {getattr(embeds, 'shape', type(embeds))} for "
-                                         f"{len(chunk)} captions; expected a tensor [n, L, D]")
+                    if isinstance(embeds, torch.Tensor):
+                        embeds = {PROMPT_TENSOR: embeds}
+                    if not isinstance(embeds, dict) or not embeds or not all(
+                            isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[0] == len(chunk)
+                            for t in embeds.values()):
+                        shapes = {k: tuple(getattr(t, "shape", ())) for k, t in dict(embeds).items()} if isinstance(
+                            embeds, dict) else type(embeds)
+                        raise ValueError(f"encode_prompt returned {shapes} for {len(chunk)} captions; expected "
+                                         "tensors [n, L, D]")
                 except Exception as e:
                     report.failed += [(f"prompt {c!r}", _first_line(e)) for _, c in chunk]
                     log.warning("cannot encode %d prompt(s): %s", len(chunk), _first_line(e))
                 else:
-                    for (key, caption), row in zip(chunk, embeds):
+                    for i, (key, caption) in enumerate(chunk):
                         recipe = {"text": self.text_fingerprint, "caption": caption}
-                        self._write(self._path("prompts", key), key, "prompt", caption, recipe, {PROMPT_TENSOR: row})
+                        rows = {name: t[i] for name, t in embeds.items()}
+                        self._write(self._path("prompts", key), key, "prompt", caption, recipe, rows)
                         report.prompts_encoded += 1
                 bar.update(len(chunk))
         report.seconds = time.perf_counter() - t0
@@ -409,7 +417,8 @@ class LatentCache:
 
 
 class CachedClips(Dataset):
-    """Item i: the cached tensors of items[i] (no batch dim) + "prompt_embeds" [L, D] + "caption" + "index".
+    """Item i: the cached tensors of items[i] (no batch dim) + its text encodings (e.g. "prompt_embeds" [L, D]) +
+    "caption" + "index".
     Pass only ready items (LatentCache.check); use with DataLoader(batch_sampler=BucketBatchSampler(...))."""
 
     def __init__(self, cache: LatentCache, items: Sequence[CacheItem]) -> None:
@@ -420,5 +429,5 @@ class CachedClips(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
-        return {**self.cache.load(item), PROMPT_TENSOR: self.cache.prompt(item.caption), "caption": item.caption,
+        return {**self.cache.load(item), **self.cache.prompt(item.caption), "caption": item.caption,
                 "index": index}

@@ -356,7 +356,7 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]
     if s["height"] < 1 or s["width"] < 1:
         raise CogtuneError(f"--height and --width must be positive (got {s['height']}x{s['width']})")
     if s["mode"] == "fps" and not s["target_fps"]:
-        raise CogtuneError("--sampling fps needs --fps (e.g. 8 for CogVideoX 1.0, 16 for 1.5)")
+        raise CogtuneError("--sampling fps needs --fps (the model's native fps, e.g. 8 or 16)")
     if s["short_policy"] == "smaller" and not s["allowed"]:
         raise CogtuneError("--short smaller needs --allowed (the frame counts to fall back to, e.g. 49,33,17)")
     return Path(root), s
@@ -403,7 +403,7 @@ def register_cli(data_subparsers: argparse._SubParsersAction, model_facts=None) 
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--sampling", choices=SAMPLING_MODES)
-    p.add_argument("--fps", type=float, help="target fps for --sampling fps (8 for CogVideoX 1.0, 16 for 1.5)")
+    p.add_argument("--fps", type=float, help="target fps for --sampling fps (the model's native fps, e.g. 8 or 16)")
     p.add_argument("--short", choices=SHORT_POLICIES, help="short-clip policy (default skip)")
     p.add_argument("--window", choices=WINDOWS)
     p.add_argument("--allowed", type=_counts, help="frame counts for --short smaller, e.g. 49,33,17")

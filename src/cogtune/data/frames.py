@@ -222,6 +222,6 @@ def _validate(want: int, mode: str, target_fps: float | None, short: str, allowe
     if window not in WINDOWS:
         raise CogtuneError(f"unknown window {window!r}; use one of {', '.join(WINDOWS)}")
     if mode == "fps" and not (target_fps and target_fps > 0):
-        raise CogtuneError("sampling mode 'fps' needs a target fps > 0 (e.g. 8 for CogVideoX 1.0, 16 for 1.5)")
+        raise CogtuneError("sampling mode 'fps' needs a target fps > 0 (the model's native fps, e.g. 8 or 16)")
     if short == "smaller" and not allowed:
         raise CogtuneError("short-clip policy 'smaller' needs the allowed frame counts (e.g. 49, 33, 17)")

@@ -388,6 +388,15 @@ def write_diffusers(lora: LoraWeights, out: str | Path, overwrite: bool = True) 
 
 
 def to_comfy_state_dict(lora: LoraWeights) -> dict[str, torch.Tensor]:
+    variant = lora.cogtune.get("cogtune.variant")
+    if variant:
+        from ..models import all_variants, family
+
+        facts = all_variants().get(variant)
+        if facts is not None and not family(facts.family).COMFYUI_LORAS:
+            raise CogtuneError(f"LoRA trained on {variant}: cogtune does not know ComfyUI's names for {facts.family} "
+                               f"models yet, so it cannot write the ComfyUI format; use the diffusers file "
+                               f"({WEIGHT_NAME}) as it is")
     tensors: dict[str, torch.Tensor] = {}
     for module in lora.modules:
         comfy = to_comfy_module(module)

@@ -33,7 +33,7 @@ def _transformer_dir(model: Path) -> tuple[Path, bool]:
     if (model / "config.json").is_file():
         return model, False
     raise CogtuneError(f"--model {model}: no transformer/config.json or config.json there; give a diffusers "
-                       "CogVideoX pipeline folder or its transformer/ folder")
+                       "pipeline folder or its transformer/ folder")
 
 
 def stored_dtype(transformer_dir: Path) -> torch.dtype:
@@ -72,17 +72,16 @@ def check_fused(transformer: torch.nn.Module, to: torch.dtype, loras: list) -> N
 
 def fuse_loras(transformer_dir: Path, loras: list, model_dir: Path):
     """The float32 transformer with `loras` ([LoraSpec]) fused in at their weights."""
-    from diffusers import CogVideoXTransformer3DModel
-
     from ..infer.compat import check_lora_compat
+    from ..models import transformer_class
 
     read = []
     for spec in loras:  # every LoRA checked before the slow load
         lora = read_lora(spec.path)
         check_lora_compat(lora, model_dir)
         read.append(lora)
-    transformer = CogVideoXTransformer3DModel.from_pretrained(str(transformer_dir), torch_dtype=torch.float32,
-                                                              use_safetensors=True)
+    transformer = transformer_class(transformer_dir).from_pretrained(str(transformer_dir), torch_dtype=torch.float32,
+                                                                     use_safetensors=True)
     names = []
     for spec, lora in zip(loras, read):  # names are unique: parse_loras checks that
         with warnings.catch_warnings():  # peft warns on every adapter after the first; several is the point here
@@ -149,7 +148,7 @@ def register_cli(subparsers) -> None:
 
     lora = cli_group(subparsers, "lora", "LoRA tools: convert between formats, merge into a model")
     p = lora.add_parser("merge", help="fuse LoRAs into the base transformer and write a standalone model folder")
-    p.add_argument("--model", required=True, help="diffusers CogVideoX pipeline folder (or its transformer/ folder)")
+    p.add_argument("--model", required=True, help="diffusers pipeline folder (or its transformer/ folder)")
     p.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT][@NAME]", type=lora_argument,
                    help="LoRA file or folder, diffusers or ComfyUI format; repeatable")
     p.add_argument("out", metavar="OUT", help="output folder: transformer folder, or pipeline folder with --pipeline")

@@ -138,9 +138,11 @@ def sat_to_diffusers(sat: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 
 def infer_config(sd: dict[str, torch.Tensor], variant: str) -> dict:
     """The variant's published transformer config with the sizes read off the weights (so any size converts)."""
-    from ..models.variants import detect_variant, real_configs
+    from ..models import family
 
-    cfg = real_configs(variant)["transformer"]
+    cogvideox = family("cogvideox")  # SAT is CogVideoX's own training format
+    detect_variant = cogvideox.detect_variant
+    cfg = cogvideox.real_configs(variant)["transformer"]
     need = ["transformer_blocks.0.attn1.to_q.weight", "transformer_blocks.0.attn1.norm_q.weight",
             "time_embedding.linear_1.weight", "patch_embed.text_proj.weight", "patch_embed.proj.weight",
             "proj_out.weight"]
@@ -264,10 +266,10 @@ def convert_sat(ckpt: str | Path, out: str | Path, variant: str, alpha: float | 
                 config: str | Path | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
                 overwrite: bool = False, unsafe_pickle: bool | None = None) -> Path:
     """Convert CKPT (SAT full/LoRA checkpoint, or an official-trainer LoRA) into OUT; returns what was written."""
-    from ..models.variants import get_variant
+    from ..models import family
     from .shards import check_output_folder, save_transformer_folder
 
-    get_variant(variant)
+    family("cogvideox").get_variant(variant)
     path, out = resolve_checkpoint(ckpt), Path(out)
     if path.suffix == ".safetensors":
         return convert_official_lora(path, out, variant, alpha, overwrite)
@@ -290,7 +292,9 @@ def _cmd_sat(args) -> None:
 
 def register_cli(subparsers) -> None:
     """Adds `cogtune convert sat CKPT OUT --variant V [...]` to the top-level subparsers."""
-    from ..models.variants import VARIANTS
+    from ..models import family
+
+    VARIANTS = family("cogvideox").VARIANTS  # SAT is CogVideoX's own training format
 
     convert = cli_group(subparsers, "convert", "convert foreign checkpoints to diffusers")
     p = convert.add_parser("sat", help="SAT checkpoint or LoRA (or an alpha-less official-trainer LoRA) -> diffusers")

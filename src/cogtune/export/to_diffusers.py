@@ -23,7 +23,7 @@ def base_transformer(base_model_dir: str | Path) -> tuple[Path, dict[str, Tensor
     config_path = next((p for p in (base / "transformer" / CONFIG_NAME, base / CONFIG_NAME) if p.is_file()), None)
     if config_path is None:
         raise CogtuneError(f"no transformer/{CONFIG_NAME} or {CONFIG_NAME} in {base}: pass --base a diffusers "
-                           "CogVideoX pipeline folder or its transformer/ folder")
+                           "pipeline folder or its transformer/ folder")
     try:
         return config_path, model_specs(json.loads(config_path.read_text()))
     except CogtuneError as e:

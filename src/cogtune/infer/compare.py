@@ -134,7 +134,7 @@ def write_comparison(videos: Sequence[np.ndarray], labels: Sequence[str], out: s
 
 def compare(model: str | Path, prompt: str, out: str | Path, loras: Sequence[str], image: str | Path | None = None,
             negative_prompt: str = "", frames: int | None = None, height: int | None = None, width: int | None = None,
-            steps: int = 50, seed: int = 0, guidance_scale: float = 6.0, fps: int | None = None,
+            steps: int = 50, seed: int = 0, guidance_scale: float | None = None, fps: int | None = None,
             dtype: str | None = None, device: str | None = None, cpu_offload: bool = False, vae_tiling: bool = False,
             vae_slicing: bool = False, on_run: RunCallback | None = None, on_step: StepCallback | None = None,
             progress: bool = True) -> tuple[Path, Path]:

@@ -18,8 +18,8 @@ import torch
 
 from ..errors import CogtuneError
 from ..export.lora_formats import PREFIX, LoraWeights, read_lora
+from ..models import transformer_skeleton, variant_of_configs
 from ..models.folder import read_json
-from ..models.variants import detect_variant
 
 
 def _read_json(path: Path) -> dict:
@@ -35,13 +35,11 @@ def transformer_config(model_dir: str | Path) -> tuple[dict, dict | None]:
     if (model_dir / "config.json").is_file():
         return _read_json(model_dir / "config.json"), None
     raise CogtuneError(f"model folder {model_dir} has neither transformer/config.json nor config.json: "
-                       "give a diffusers CogVideoX pipeline folder or its transformer/ folder")
+                       "give a diffusers pipeline folder or its transformer/ folder")
 
 
 def model_skeleton(config: dict) -> torch.nn.Module:
     """The transformer of `config` on the meta device (structure and shapes only)."""
-    from ..models.cogvideox import transformer_skeleton
-
     return transformer_skeleton(config)
 
 
@@ -89,7 +87,7 @@ def check_lora_compat(lora, model_dir: str | Path) -> None:
     """
     state_dict, cogtune, what = _as_lora(lora)
     config, vae_config = transformer_config(model_dir)
-    variant = detect_variant(config, vae_config)
+    variant = variant_of_configs(config, vae_config).name
     trained_on = cogtune.get("cogtune.variant")
     if trained_on and trained_on != variant:
         raise CogtuneError(f"{what} was trained on {trained_on}, model {model_dir} is {variant}: "
@@ -97,7 +95,7 @@ def check_lora_compat(lora, model_dir: str | Path) -> None:
 
     modules = _modules(state_dict)
     layers = int(config.get("num_layers", 0))
-    blocks = [int(m.group(1)) for name in modules if (m := re.match(r"transformer_blocks\.(\d+)\.", name))]
+    blocks = [int(m.group(1)) for name in modules if (m := re.match(r"[^.]+\.(\d+)\.", name))]  # <blocks>.N.
     if blocks and max(blocks) >= layers:
         raise CogtuneError(f"{what} has {max(blocks) + 1} blocks, model {model_dir} has {layers}: "
                            "it was made for a deeper model (another variant or size)")

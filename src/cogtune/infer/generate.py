@@ -22,7 +22,7 @@ from ..errors import CogtuneError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_GUIDANCE = 100.0  # far above any useful scale (6 is usual); larger ones only overflow the latents
-MAX_STEPS = 1000  # every CogVideoX scheduler trains on 1000 timesteps; sampling cannot take more
+MAX_STEPS = 1000  # the schedulers train on 1000 timesteps; sampling cannot take more (checked per model too)
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
 
 
@@ -82,21 +82,11 @@ def parse_loras(texts: Sequence[str]) -> list[LoraSpec]:
 
 
 def default_size(model_dir: Path) -> tuple[int, int, int, int]:
-    """(frames, height, width, fps): the variant's native ones, or the tiny model's own."""
-    from ..models.folder import resolve_variant
+    """(frames, height, width, fps): the variant's native ones (a tiny model's are its own)."""
+    from ..models import resolve_variant
 
-    from ..models.folder import read_json
-
-    variant = resolve_variant(model_dir)
-    tiny = Path(model_dir) / "cogtune_tiny.json"
-    if tiny.is_file():
-        t = read_json(tiny, "the tiny model's sizes")
-        size = tuple(t.get(k) for k in ("frames", "height", "width"))
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
-            raise CogtuneError(f"{tiny}: frames/height/width must be positive whole numbers, got {size}: "
-                               "write the tiny model again (cogtune tiny DIR --variant V)")
-        return (*size, variant.fps)
-    return variant.native_frames, variant.native_height, variant.native_width, variant.fps
+    v = resolve_variant(model_dir)
+    return v.native_frames, v.native_height, v.native_width, v.fps
 
 
 @dataclass
@@ -112,7 +102,7 @@ class Settings:
     fps: int | None = None
     steps: int = 50
     seed: int = 0
-    guidance_scale: float = 6.0
+    guidance_scale: float | None = None  # None: the model's own default
 
 
 def _given_or(value, default):
@@ -122,12 +112,13 @@ def _given_or(value, default):
 def resolve_settings(model_dir: str | Path, settings: Settings) -> Settings:
     """Defaults from the variant; a wrong image/frames/size combination is one line, before any weight is read."""
     model_dir = Path(model_dir)
-    from ..models.folder import resolve_variant
+    from ..models import resolve_variant
 
     variant = resolve_variant(model_dir)
-    d_frames, d_height, d_width, d_fps = default_size(model_dir)
+    d_frames, d_height, d_width, d_fps = variant.native_frames, variant.native_height, variant.native_width, variant.fps
     s = replace(settings, frames=_given_or(settings.frames, d_frames), height=_given_or(settings.height, d_height),
-                width=_given_or(settings.width, d_width), fps=_given_or(settings.fps, d_fps))
+                width=_given_or(settings.width, d_width), fps=_given_or(settings.fps, d_fps),
+                guidance_scale=_given_or(settings.guidance_scale, variant.guidance))
     if variant.i2v and s.image is None:
         raise CogtuneError(f"model {model_dir} is {variant.name} (image-to-video): "
                            "give the first frame with --image PATH")
@@ -143,8 +134,9 @@ def resolve_settings(model_dir: str | Path, settings: Settings) -> Settings:
     for flag, value in (("--height", s.height), ("--width", s.width), ("--fps", s.fps)):
         if value < 1:
             raise CogtuneError(f"{flag} {value}: give a positive number, or leave it out for the model's own")
-    if s.height % 16 or s.width % 16:
-        raise CogtuneError(f"--height/--width {s.height}x{s.width}: both must be multiples of 16")
+    unit = variant.size_multiple
+    if s.height % unit or s.width % unit:
+        raise CogtuneError(f"--height/--width {s.height}x{s.width}: both must be multiples of {unit} for {variant.name}")
     if variant.fixed_resolution and (s.height, s.width) != (d_height, d_width):
         raise CogtuneError(f"{variant.name} has learned positional embeddings and only takes {d_height}x{d_width}, "
                            f"not {s.height}x{s.width}: drop --height/--width")
@@ -153,7 +145,7 @@ def resolve_settings(model_dir: str | Path, settings: Settings) -> Settings:
         raise CogtuneError(f"--steps {s.steps}: give 1 to {timesteps} (the scheduler's training timesteps)")
     if not (math.isfinite(s.guidance_scale) and 0 <= s.guidance_scale <= MAX_GUIDANCE):
         raise CogtuneError(f"--guidance-scale {s.guidance_scale}: give a finite number from 0 to {MAX_GUIDANCE:g} "
-                           "(6 is the usual)")
+                           f"({variant.guidance:g} is the model's default)")
     if not 0 <= s.seed < 2**64:
         raise CogtuneError(f"--seed {s.seed}: give a whole number from 0 to 2**64 - 1")
     if s.image is not None:
@@ -221,9 +213,9 @@ def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype:
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     model_dir = Path(model_dir)
-    from ..models.folder import resolve_variant
+    from ..models import resolve_variant
 
-    resolve_variant(model_dir)  # clear error for a folder that is not a CogVideoX pipeline
+    resolve_variant(model_dir)  # clear error for a folder that is not a pipeline cogtune knows
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise CogtuneError(f"device {device}: no CUDA GPU is available here; leave the device unset to use the CPU")
     cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
@@ -270,8 +262,8 @@ def load_image(path: str | Path, height: int, width: int):
 
 
 def encode_prompt(pipe, s: Settings) -> dict[str, torch.Tensor | None]:
-    """Prompt embeddings, computed once when several videos share a prompt (T5 is the slow part)."""
-    with torch.no_grad():  # as inside the pipeline's call: T5 takes other kernels with autograd on (last-bit changes)
+    """Prompt embeddings, computed once when several videos share a prompt (the text encoder is the slow part)."""
+    with torch.no_grad():  # as inside the pipeline's call: the text encoder takes other kernels with autograd on
         positive, negative = pipe.encode_prompt(s.prompt, s.negative_prompt, device=pipe._execution_device,
                                                 do_classifier_free_guidance=s.guidance_scale > 1)
     return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
@@ -305,7 +297,7 @@ def sample(pipe, s: Settings, on_step: StepCallback | None = None, embeds: dict 
 def generate(model: str | Path, prompt: str, out: str | Path, loras: Sequence[str] = (),
              image: str | Path | None = None, negative_prompt: str = "", frames: int | None = None,
              height: int | None = None, width: int | None = None, steps: int = 50, seed: int = 0,
-             guidance_scale: float = 6.0, fps: int | None = None,
+             guidance_scale: float | None = None, fps: int | None = None,
              dtype: str | None = None, device: str | None = None, cpu_offload: bool = False, vae_tiling: bool = False,
              vae_slicing: bool = False, fuse: bool = False, on_step: StepCallback | None = None,
              progress: bool = True) -> Path:
@@ -356,7 +348,7 @@ def register_cli(subparsers) -> None:
     from ..cli_types import SEED, float_range, int_range
 
     g = subparsers.add_parser("generate", help="generate a video (T2V or I2V) with optional LoRA adapters")
-    g.add_argument("--model", required=True, help="diffusers CogVideoX pipeline folder")
+    g.add_argument("--model", required=True, help="diffusers pipeline folder")
     g.add_argument("--prompt", required=True)
     g.add_argument("--out", required=True, help="output .mp4 (--compare also writes <out>.png)")
     g.add_argument("--image", help="first frame for an image-to-video (-i2v) model; required there")
@@ -371,5 +363,5 @@ def register_cli(subparsers) -> None:
     g.add_argument("--fps", type=int_range(1, 240), help="default: the variant's native fps")
     g.add_argument("--steps", type=int_range(1, MAX_STEPS), default=50)
     g.add_argument("--seed", type=SEED, default=0, help="0 to 2**64 - 1")
-    g.add_argument("--guidance-scale", type=float_range(0, MAX_GUIDANCE), default=6.0)
+    g.add_argument("--guidance-scale", type=float_range(0, MAX_GUIDANCE), help="default: the model's own")
     g.set_defaults(func=_cmd_generate)

@@ -1,7 +1,7 @@
 """Validation videos during training: the stock pipeline over the weights being trained.
 
 Peak memory stays flat: prompt embeddings are computed once up front (while the text encoder is loaded anyway), and
-the pipeline used here is built without the text encoder, so T5 never comes back to the accelerator. Only the VAE
+the pipeline used here is built without the text encoder, so the text encoder never comes back to the accelerator. Only the VAE
 (small) visits the device for the call.
 """
 
@@ -34,22 +34,27 @@ def contact_sheet(videos: list[np.ndarray], labels: list[str], path: str | Path,
     return np.asarray(sheet)
 
 
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in tensors.items()}
+
+
 class Validator:
     def __init__(self, spec, cfg, frames: int, height: int, width: int, fps: int):
         self.spec, self.cfg, self.fps = spec, cfg, fps
         self.size = dict(num_frames=frames, height=height, width=width)
         self.prompts = list(cfg.prompts)
+        self.guidance = cfg.guidance_scale if cfg.guidance_scale is not None else spec.facts.guidance
         self.images = [Image.open(p).convert("RGB").resize((width, height)) for p in cfg.images]
         # computed now, while the text encoder is still loaded
-        self.embeds = [spec.encode_prompts([p]).cpu() for p in self.prompts]
-        self.negative = spec.encode_prompts([""]).cpu()
+        self.embeds = [_cpu(spec.encode_prompts([p])) for p in self.prompts]
+        self.negative = _cpu(spec.encode_prompts([""]))
 
     def __call__(self, transformer, out_dir: Path, device, autocast, tensorboard=None, step: int = 0,
                  write: bool = True) -> list[Path]:
         """Generate every prompt; `write=False` on ranks that only take part (sharded weights) and save nothing."""
         spec = self.spec
         scheduler = type(spec.scheduler).from_config(spec.scheduler.config)  # the training scheduler keeps its state
-        pipe = type(spec.pipe)(tokenizer=None, text_encoder=None, vae=spec.vae, transformer=transformer, scheduler=scheduler)
+        pipe = spec.pipeline(transformer, text_encoder=False, scheduler=scheduler)
         vae_device = spec.vae.device
         spec.vae.to(device)
         pipe.set_progress_bar_config(disable=True)
@@ -60,12 +65,14 @@ class Validator:
         videos, paths = [], []
         try:
             for i, (prompt, embeds) in enumerate(zip(self.prompts, self.embeds)):
-                extra = {"image": self.images[i]} if spec.variant.i2v else {}
+                extra = {"image": self.images[i]} if spec.facts.i2v else {}
+                # the pipelines take each text encoding `name` and its `negative_name` as keyword arguments
+                text = {k: v.to(device, spec.compute_dtype) for k, v in embeds.items()} | {
+                    f"negative_{k}": v.to(device, spec.compute_dtype) for k, v in self.negative.items()}
                 with torch.no_grad(), autocast():
                     result = pipe(
-                        prompt_embeds=embeds.to(device, spec.compute_dtype),
-                        negative_prompt_embeds=self.negative.to(device, spec.compute_dtype),
-                        num_inference_steps=self.cfg.inference_steps, guidance_scale=self.cfg.guidance_scale,
+                        **text,
+                        num_inference_steps=self.cfg.inference_steps, guidance_scale=self.guidance,
                         generator=torch.Generator().manual_seed(self.cfg.seed + i), output_type="np",
                         **self.size, **extra,
                     )

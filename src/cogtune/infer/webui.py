@@ -111,7 +111,7 @@ class Generator:
                 prompt=str(form.get("prompt") or ""), negative_prompt=str(form.get("negative_prompt") or ""),
                 image=image, frames=_int(form, "frames"), height=_int(form, "height"), width=_int(form, "width"),
                 steps=_int(form, "steps", 50), seed=_int(form, "seed", 0),
-                guidance_scale=_float(form, "guidance_scale", 6.0)))
+                guidance_scale=_float(form, "guidance_scale", None)))
             compare = bool(form.get("compare"))
             if compare and not specs:
                 raise CogtuneError("compare needs at least one adapter")
@@ -243,13 +243,13 @@ def _int(form: dict, key: str, default: int | None = None) -> int | None:
     return number
 
 
-def _float(form: dict, key: str, default: float) -> float:
+def _float(form: dict, key: str, default: float | None) -> float | None:
     value = _field(form, key)
     try:
         number = float(value) if value else default
     except ValueError:
         number = math.nan
-    if not math.isfinite(number):
+    if number is not None and not math.isfinite(number):
         raise CogtuneError(f"{key}: {bounded(value, 40)!r} is not a number")
     return number
 

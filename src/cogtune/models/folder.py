@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 from ..errors import CogtuneError, bounded, display_path, os_error_text
-from .variants import UndetectableVariant, Variant, detect_variant, get_variant
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 CONFIG_FILES = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
@@ -146,19 +145,19 @@ def _check_tokenizer(folder: Path) -> None:
 
 
 def check_pipeline_folder(path: str | Path, weights: bool = True) -> Path:
-    """`path` if it is a whole CogVideoX pipeline folder (every component, config and, with `weights`, weight file);
+    """`path` if it is a whole diffusers pipeline folder (every component, config and, with `weights`, weight file);
     else one line naming the first missing or broken file and what to do."""
     path = Path(path)
     if not path.is_dir():
         what = "is a file, not a folder" if path.exists() else "does not exist"
-        raise CogtuneError(f"model folder {_where(path)} {what}: give a diffusers CogVideoX pipeline folder "
+        raise CogtuneError(f"model folder {_where(path)} {what}: give a diffusers pipeline folder "
                            "(model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
     index = read_json(path / "model_index.json", "a diffusers pipeline's model_index.json")
     for part in COMPONENTS:
         entry = index.get(part)
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
             raise CogtuneError(f"{_where(path / 'model_index.json')} names no {part} (a [library, class] pair): "
-                               "not a CogVideoX pipeline folder, or the file is damaged; fetch it again")
+                               "not a diffusers video pipeline folder, or the file is damaged; fetch it again")
         folder = path / part
         if not folder.is_dir():
             raise CogtuneError(f"model folder {_where(path)} has no {part}/ folder: {REFETCH}")
@@ -180,32 +179,14 @@ def check_model_dir(path: str | Path, weights: bool = True) -> Path:
     return check_pipeline_folder(path, weights)
 
 
-def pick_variant(transformer_cfg: dict, vae_cfg: dict | None, given: str | None, where: str | Path,
-                 key: str = "model.variant") -> Variant:
-    """The variant the configs say; `given` (from `key`) must agree, and counts alone only when the configs match
-    no official variant (a custom model)."""
-    try:
-        given_variant = get_variant(given) if given else None
-    except CogtuneError as e:
-        raise CogtuneError(f"{key}: {e}") from None
-    try:
-        detected = detect_variant(transformer_cfg, vae_cfg)
-    except UndetectableVariant:
-        if given_variant is not None:
-            return given_variant
-        raise
-    if given_variant is not None and given_variant.name != detected:
-        raise CogtuneError(f"{key}={given_variant.name}, but the model folder {display_path(where)} is {detected} "
-                           f"(read from its transformer/config.json): remove {key} (it is read from the folder) "
-                           f"or point model.path at a {given_variant.name} folder")
-    return get_variant(detected)
+def pick_variant(*args, **kwargs):
+    from . import pick_variant as pick
+
+    return pick(*args, **kwargs)
 
 
-def resolve_variant(path: str | Path, given: str | None = None, key: str = "model.variant",
-                    weights: bool = True) -> Variant:
-    """The variant of a model folder, read from its configs without loading weights (which are checked whole
-    with `weights`). `given` (a config's `model.variant`) must agree with the folder."""
-    path = check_model_dir(path, weights)
-    transformer_cfg = _read_json(path / "transformer" / "config.json")
-    vae_cfg = _read_json(path / "vae" / "config.json")
-    return pick_variant(transformer_cfg, vae_cfg, given, path, key)
+def resolve_variant(path, given: str | None = None, key: str = "model.variant", weights: bool = True):
+    """The variant (ModelFacts) of a model folder: see cogtune.models.resolve_variant."""
+    from . import resolve_variant as resolve
+
+    return resolve(path, given, weights=weights, key=key)

@@ -1,4 +1,4 @@
-"""Tiny random-weight CogVideoX pipelines, one per variant, built from configs with no download.
+"""Tiny random-weight CogVideoX pipelines (and the tiny T5-style tokenizer other families reuse), one per variant, built from configs with no download.
 
 Each keeps its real variant's structure (sin-cos vs RoPE, learned positions, patch_size_t/patch_bias, ofs embedding,
 I2V in_channels, VAE scaling_factor/invert_scale_latents, 8x spatial / 4x temporal VAE compression, scheduler class
@@ -9,7 +9,6 @@ and config) at a size where a CPU denoising step takes milliseconds. The folder 
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 import torch
@@ -124,12 +123,7 @@ def build_tiny_pipeline(variant: str, seed: int = 0):
 
 
 def write_tiny_pipeline(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
-    """Write a complete diffusers pipeline folder of tiny random weights for `variant`; return its path.
+    """A tiny pipeline folder of any registered family (see cogtune.models.write_tiny_pipeline)."""
+    from . import write_tiny_pipeline as write
 
-    Adds `cogtune_tiny.json` ({"variant", "height", "width", "frames"}) at the root for convenience.
-    """
-    out = Path(out_dir)
-    pipe = build_tiny_pipeline(variant, seed)
-    pipe.save_pretrained(out, safe_serialization=True)
-    (out / "cogtune_tiny.json").write_text(json.dumps({"variant": variant, **TINY_DEFAULTS[variant]}, indent=2) + "\n")
-    return out
+    return write(out_dir, variant, seed)

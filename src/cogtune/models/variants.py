@@ -1,4 +1,5 @@
-"""The five CogVideoX variants as data: frame/size rules, and the real published configs of each.
+"""The CogVideoX family's entry in the registry (light: no torch or diffusers at import): its five variants as
+ModelFacts, variant detection from configs, and the real published configs of each. The model itself: cogvideox.py.
 
 Sources of the real configs (checked 2026-11):
 - transformer: diffusers `scripts/convert_cogvideox_to_diffusers.py` (`get_transformer_init_kwargs`: 1.0 →
@@ -16,64 +17,95 @@ Sources of the real configs (checked 2026-11):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 from cogtune.errors import CogtuneError, bounded
 
+from .facts import ModelFacts, UndetectableVariant  # noqa: F401 (UndetectableVariant: its old home)
 
-class UndetectableVariant(CogtuneError):
-    """The configs match no official variant (a custom model): only here may a given `model.variant` decide."""
+Variant = ModelFacts  # the old name of the record
 
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    family: str  # "1.0" or "1.5"
-    i2v: bool
-    frame_step: int  # frames must be frame_step * N + 1 ...
-    max_n: int  # ... with 1 <= N <= max_n
-    native_frames: int
-    native_height: int
-    native_width: int
-    fps: int
-    fixed_resolution: bool  # learned positional embeddings lock the size to native_height x native_width
-
-    def allowed_frames(self) -> list[int]:
-        return [self.frame_step * n + 1 for n in range(1, self.max_n + 1)]
-
-    def check_frames(self, n: int) -> str | None:
-        """None if `n` frames is valid for this variant, else a one-line message saying what is."""
-        allowed = self.allowed_frames()
-        if n in allowed:
-            return None
-        return (f"{self.name} takes {self.frame_step}N+1 frames with 1 <= N <= {self.max_n} "
-                f"({', '.join(map(str, allowed))}; native {self.native_frames}), not {n}")
+FAMILY = "cogvideox"
+CONFIG_KEYS = ("text_embed_dim", "time_embed_dim")
+PIPELINES = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")
+# ComfyUI core's native CogVideoX names exist for these LoRAs (export/lora_formats.py)
+COMFYUI_LORAS = True
+_COMMON = dict(
+    family=FAMILY, size_multiple=16, text_tokens=226, guidance=6.0, objective="v_prediction",
+    lora_targets=("to_q", "to_k", "to_v", "to_out.0"), block_classes=("CogVideoXBlock",),
+    fp8_skip=("patch_embed", "norm", "lora_", "proj_out", "pos_embedding", "time_embedding", "ofs_embedding"),
+    transformer_class="CogVideoXTransformer3DModel",
+)
 
 
-def _variant(name: str, family: str, i2v: bool, fixed_resolution: bool = False) -> Variant:
-    if family == "1.0":
-        return Variant(name, family, i2v, 8, 6, 49, 480, 720, 8, fixed_resolution)
-    return Variant(name, family, i2v, 16, 10, 81, 768, 1360, 16, fixed_resolution)
+def _variant(name: str, generation: str, i2v: bool, hub: str, fixed_resolution: bool = False,
+             release_dtype: str = "bf16") -> ModelFacts:
+    if generation == "1.0":
+        shape = dict(frame_step=8, max_n=6, native_frames=49, native_height=480, native_width=720, fps=8)
+    else:
+        shape = dict(frame_step=16, max_n=10, native_frames=81, native_height=768, native_width=1360, fps=16)
+    return ModelFacts(name=name, i2v=i2v, fixed_resolution=fixed_resolution, generation=generation,
+                      hub_id=f"zai-org/{hub}", release_dtype=release_dtype, **shape, **_COMMON)
 
 
-VARIANTS: dict[str, Variant] = {
+VARIANTS: dict[str, ModelFacts] = {
     v.name: v
     for v in (
-        _variant("cogvideox-2b", "1.0", i2v=False),
-        _variant("cogvideox-5b", "1.0", i2v=False),
-        _variant("cogvideox-5b-i2v", "1.0", i2v=True, fixed_resolution=True),
-        _variant("cogvideox1.5-5b", "1.5", i2v=False),
-        _variant("cogvideox1.5-5b-i2v", "1.5", i2v=True),
+        _variant("cogvideox-2b", "1.0", False, "CogVideoX-2b", release_dtype="fp16"),  # trained and released in fp16
+        _variant("cogvideox-5b", "1.0", False, "CogVideoX-5b"),
+        _variant("cogvideox-5b-i2v", "1.0", True, "CogVideoX-5b-I2V", fixed_resolution=True),
+        _variant("cogvideox1.5-5b", "1.5", False, "CogVideoX1.5-5B"),
+        _variant("cogvideox1.5-5b-i2v", "1.5", True, "CogVideoX1.5-5B-I2V"),
     )
 }
 
 
-def get_variant(name: str) -> Variant:
+def get_variant(name: str) -> ModelFacts:
     try:
         return VARIANTS[name]
     except KeyError:
         raise CogtuneError(f"unknown model variant {bounded(name)!r}: use one of {', '.join(VARIANTS)}") from None
+
+
+def folder_facts(facts: ModelFacts, transformer_config: dict) -> ModelFacts:
+    """The facts of one folder: a learned positional table fixes the size its config was built for."""
+    if not transformer_config.get("use_learned_positional_embeddings"):
+        return facts
+    try:
+        h, w = int(transformer_config["sample_height"]) * 8, int(transformer_config["sample_width"]) * 8
+    except (KeyError, TypeError, ValueError):
+        return facts
+    return replace(facts, native_height=h, native_width=w)
+
+
+def load_spec(path, facts: ModelFacts, dtypes: dict | None = None):
+    from .cogvideox import CogVideoXSpec
+
+    return CogVideoXSpec.load(path, facts, dtypes)
+
+
+def transformer_skeleton(config: dict):
+    from .cogvideox import transformer_skeleton as skeleton
+
+    return skeleton(config)
+
+
+def build_tiny_pipeline(variant: str, seed: int = 0):
+    from .tiny import build_tiny_pipeline as build
+
+    return build(variant, seed)
+
+
+def tiny_size(variant: str) -> dict[str, int]:
+    from .tiny import TINY_DEFAULTS
+
+    return TINY_DEFAULTS[variant]
+
+
+def memory_configs(name: str) -> dict:
+    """The real-size configs the planner prices (see plan/memory.py)."""
+    return real_configs(name)
 
 
 # --- the real published configs ---------------------------------------------------------------------------------

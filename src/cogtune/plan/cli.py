@@ -117,23 +117,25 @@ def register_cli(subparsers) -> None:
 
 # --- presets ------------------------------------------------------------------------------------------------------
 PRESET_GPUS = {"24gb": 24.0, "48gb": 48.0, "80gb": 80.0}
-PRESET_PATHS = {"cogvideox-2b": "CogVideoX-2b", "cogvideox-5b": "CogVideoX-5b", "cogvideox-5b-i2v": "CogVideoX-5b-I2V",
-                "cogvideox1.5-5b": "CogVideoX1.5-5B", "cogvideox1.5-5b-i2v": "CogVideoX1.5-5B-I2V"}
+
+
+def _folder_name(facts) -> str:
+    return facts.hub_id.rsplit("/", 1)[-1] or facts.name
 
 
 def preset_tree(variant: str, method: str) -> dict:
-    from ..models.variants import get_variant
+    from ..models import get_variant
 
     v = get_variant(variant)
     tree = {
-        "model": {"path": f"/path/to/{PRESET_PATHS[variant]}", "variant": variant},
+        "model": {"path": f"/path/to/{_folder_name(v)}", "variant": variant},
         "data": {"root": "/path/to/dataset", "frames": v.native_frames, "height": v.native_height,
                  "width": v.native_width},
         "method": method,
         "optimizer": {"lr": 1.0e-4 if method == "lora" else 1.0e-5},
         "lr_scheduler": {"name": "constant_with_warmup", "warmup_steps": 100},
         "max_steps": 2000, "batch_size": 1, "gradient_accumulation_steps": 1,
-        "mixed_precision": "fp16" if variant == "cogvideox-2b" else "bf16",  # 2B was trained and released in fp16
+        "mixed_precision": v.release_dtype,  # e.g. CogVideoX-2B was trained and released in fp16
         "output_dir": f"runs/{variant}-{method}",
         "checkpoint": {"every_steps": 250},
     }
@@ -157,11 +159,21 @@ def write_presets(out_dir: str | Path) -> list[tuple[str, ...]]:
     """Write configs/<variant>/<method>_<gpu>.yaml for every combination that fits; return README table rows
     (variant, method, gpu, what happened)."""
     from ..config import load_config
-    from ..models.variants import VARIANTS
+    from ..models import all_variants, family
 
     rows = []
-    for variant in VARIANTS:
+    for variant, facts in all_variants().items():
         for method in ("lora", "sft"):
+            if family(facts.family).memory_configs(variant) is None:  # no memory profile: one unpriced preset
+                path = Path(out_dir) / variant / f"{method}.yaml"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tree = preset_tree(variant, method) | {"memory": {"gradient_checkpointing": True}}
+                path.write_text(f"# {variant} {method}: not priced (`cogtune plan` has no memory profile for "
+                                f"{facts.family} models yet); gradient checkpointing on as a safe start.\n"
+                                f"# Regenerate with: python -m cogtune.plan.cli --write-presets configs\n"
+                                + yaml.safe_dump(tree, sort_keys=False))
+                rows.append((variant, method, "any", "(not priced)", "-", "-"))
+                continue
             for gpu_name, gib in PRESET_GPUS.items():
                 tree = preset_tree(variant, method)
                 cfg = load_config(None, base=tree)
@@ -181,7 +193,7 @@ def write_presets(out_dir: str | Path) -> list[tuple[str, ...]]:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 head = (f"# {variant} {method} on one {gib:g} GiB GPU: the cheapest switches that fit by `cogtune plan "
                         f"--gpu-memory {gpu_name}`\n# (step time ×{p.cost:.2f} of none). Predicted: {figures}.\n"
-                        f"# Fits a {PRESET_PATHS[variant]} folder: model.variant is checked against the folder's "
+                        f"# Fits a {_folder_name(facts)} folder: model.variant is checked against the folder's "
                         f"configs, so another variant's folder is refused.\n"
                         f"# Regenerate with: python -m cogtune.plan.cli --write-presets configs\n")
                 path.write_text(head + yaml.safe_dump(tree, sort_keys=False))

@@ -135,24 +135,32 @@ def _stats(transformer_json: str, vae_json: str, t5_json: str) -> ModelStats:
 
 
 def model_stats(cfg: TrainConfig, variant: str | None = None) -> tuple[str, ModelStats]:
-    """(variant name, stats) from the model folder's configs when it exists, else from the variant's real configs."""
-    from ..models.variants import get_variant, real_configs
+    """(variant name, stats) from the model folder's configs when it exists, else from the variant's real configs.
+    The arithmetic here is CogVideoX's memory profile; a family without one (memory_configs → None) is refused."""
+    from ..models import family, family_of_folder, get_variant, pick_variant
 
     path = Path(cfg.model.path)
     if path.exists():
-        from ..models.folder import _read_json, pick_variant  # planning reads these configs only
+        from ..models.folder import _read_json  # planning reads these configs only
+        fam = family_of_folder(path)
         tcfg, vcfg = _read_json(path / "transformer" / "config.json"), _read_json(path / "vae" / "config.json")
         t5 = path / "text_encoder" / "config.json"
         t5cfg = {**T5_XXL, **{k: v for k, v in _read_json(t5).items() if k in T5_XXL}} if t5.is_file() else T5_XXL
         given, key = (variant, "--variant") if variant else (cfg.model.variant, "model.variant")
-        name = pick_variant(tcfg, vcfg, given, path, key).name  # a given variant must agree with the folder
+        name = pick_variant(tcfg, vcfg, given, path, key, fam).name  # a given variant must agree with the folder
+        real = fam.memory_configs(name)
     else:
         name = variant or cfg.model.variant
         if not name:
             raise CogtuneError(f"model.path {path} does not exist: set model.variant (or --variant) to plan for "
                                f"a published model without its folder")
-        real = real_configs(get_variant(name).name)
-        tcfg, vcfg, t5cfg = real["transformer"], real["vae"], T5_XXL
+        facts = get_variant(name)
+        real = family(facts.family).memory_configs(facts.name)
+        if real is not None:
+            tcfg, vcfg, t5cfg = real["transformer"], real["vae"], T5_XXL
+    if real is None:
+        raise CogtuneError(f"cogtune plan has no memory profile for {name} yet ({get_variant(name).family} models): "
+                           "train with the memory switches you choose and watch the first steps' peak memory")
     return name, _stats(*(json.dumps(c, sort_keys=True) for c in (tcfg, vcfg, t5cfg)))
 
 

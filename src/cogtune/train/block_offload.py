@@ -45,7 +45,9 @@ class BlockOffload:
         self.follows: dict[tuple, int] = {}  # (block before, block) -> the block onloaded after them last time
         self.recent: tuple = (None, None)
         self.sync_copies = self.ready = 0  # onloads that had to copy / found their copy made (or kept resident)
-        for block in transformer.transformer_blocks:
+        from ..models import repeated_blocks
+
+        for block in repeated_blocks(transformer):
             # Linear weights only: a Linear's backward uses the transposed view it saved (the device copy), but a
             # norm's reads its weight parameter again, which by then points at the host copy. Norms are a small share.
             frozen = [p for m in block.modules() if isinstance(m, torch.nn.Linear)

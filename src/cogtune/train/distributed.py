@@ -95,7 +95,8 @@ def _force_fsdp_on_cpu(plugin, mixed_precision: str) -> None:
     AcceleratorState._shared_state.update(distributed_type=DistributedType.FSDP, fsdp_plugin=plugin)
 
 
-def make_accelerator(cfg) -> Accelerator:
+def make_accelerator(cfg, block_classes: tuple[str, ...] = ()) -> Accelerator:
+    """`block_classes`: the transformer's repeated blocks (ModelFacts.block_classes), each an FSDP2 unit."""
     import torch
 
     from accelerate.state import AcceleratorState
@@ -126,7 +127,7 @@ def make_accelerator(cfg) -> Accelerator:
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         fsdp = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["CogVideoXBlock"],
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=list(block_classes or _all_block_classes()),
             reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT", cpu_ram_efficient_loading=False,
         )
         if not on_cpu:
@@ -137,6 +138,12 @@ def make_accelerator(cfg) -> Accelerator:
         if fsdp is not None and accelerator.num_processes > 1:
             _force_fsdp_on_cpu(fsdp, cfg.mixed_precision)
     return accelerator
+
+
+def _all_block_classes() -> list[str]:
+    from ..models import all_variants
+
+    return sorted({c for facts in all_variants().values() for c in facts.block_classes})
 
 
 def is_sharded(cfg) -> bool:

@@ -37,8 +37,8 @@ class PreparedData:
 
 class CachedItems:
     """Training items read from the cache; video entry keys are resolved once (no stat of the source per read).
-    Entries read once stay in RAM while they fit in `ram_bytes` (latents ~2 MB and T5 embeddings ~1.9 MB a clip at
-    49x480x720 in bf16), so small datasets are read from disk only in their first epoch. The tensors returned are
+    Entries read once stay in RAM while they fit in `ram_bytes` (CogVideoX at 49x480x720 in bf16: latents ~2 MB
+    and text embeddings ~1.9 MB a clip), so small datasets are read from disk only in their first epoch. The tensors returned are
     the kept ones: collate copies them; do not change them in place."""
 
     def __init__(self, cache: LatentCache, items: list[CacheItem], listed: list[str], ram_bytes: float = 0):
@@ -46,7 +46,7 @@ class CachedItems:
         self.keys = [cache.video_key(item) for item in items]
         self.ram_left = ram_bytes
         self._videos: dict[int, dict] = {}
-        self._prompts: dict[str, torch.Tensor] = {}
+        self._prompts: dict[str, dict[str, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -72,9 +72,9 @@ class CachedItems:
         prompt = self._prompts.get(item.caption)
         if prompt is None:
             prompt = self.cache.prompt(item.caption)
-            if self._keep([prompt]):
+            if self._keep(prompt.values()):
                 self._prompts[item.caption] = prompt
-        return dict(video) | {"prompt_embeds": prompt, "caption": item.caption, "path": self.listed[i]}
+        return dict(video) | prompt | {"caption": item.caption, "path": self.listed[i]}
 
 
 def collate(items: list[dict], device: torch.device) -> dict:
@@ -83,25 +83,25 @@ def collate(items: list[dict], device: torch.device) -> dict:
     return batch
 
 
-def _frame_options(cfg, variant) -> tuple[list[int], list[tuple[int, int]]]:
+def _frame_options(cfg, facts) -> tuple[list[int], list[tuple[int, int]]]:
     d = cfg.data
     b = d.buckets
     key = "data.buckets.frames" if b and b.frames else f"data.frames={d.frames}"
     frames = sorted(set(b.frames if b and b.frames else [d.frames]), reverse=True)
     for f in frames:
-        problem = variant.check_frames(f)
+        problem = facts.check_frames(f)
         if problem:
             raise CogtuneError(f"{key}: {problem}")
     if b and b.resolutions:
         resolutions = [tuple(r) for r in b.resolutions]
     elif b and b.area:
-        resolutions = resolutions_for_area(b.area, b.aspect_ratios or ["1:1"], multiple=16)
+        resolutions = resolutions_for_area(b.area, b.aspect_ratios or ["1:1"], multiple=facts.size_multiple)
     else:
         resolutions = [(d.height, d.width)]
     return frames, resolutions
 
 
-def plan_sample(sample: Sample, cfg, variant, frames: list[int], resolutions, rng=None):
+def plan_sample(sample: Sample, cfg, facts, frames: list[int], resolutions, rng=None):
     """→ ((height, width, frames), plan) or (None, reason)."""
     d = cfg.data
     info = probe(sample.video)
@@ -113,14 +113,14 @@ def plan_sample(sample: Sample, cfg, variant, frames: list[int], resolutions, rn
         hw = (bucket.height, bucket.width)
     else:
         hw = resolutions[0]
-    target_fps = d.target_fps or variant.fps
+    target_fps = d.target_fps or facts.fps
     kwargs = dict(start=sample.start, end=sample.end, target_fps=target_fps if d.sampling == "fps" else None,
                   window=d.window, rng=rng)
     for count in frames[:-1]:  # the largest frame bucket the clip fills as it is
         plan = plan_frames(info.frames, info.fps, count, d.sampling, short="skip", **kwargs)
         if plan.ok:
             return (*hw, count), plan
-    allowed = frames if len(frames) > 1 else [f for f in variant.allowed_frames() if f <= frames[0]]
+    allowed = frames if len(frames) > 1 else [f for f in facts.allowed_frames() if f <= frames[0]]
     plan = plan_frames(info.frames, info.fps, frames[-1], d.sampling, short=d.short_clips, allowed=allowed, **kwargs)
     if not plan.ok:
         return None, plan.reason
@@ -134,8 +134,8 @@ def _rng(seed: int, index: int) -> np.random.Generator:
 def prepare_data(spec, cfg, accelerator=None, progress: bool = True) -> PreparedData:
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
-    variant, d = spec.variant, cfg.data
-    frames, resolutions = _frame_options(cfg, variant)
+    facts, d = spec.facts, cfg.data
+    frames, resolutions = _frame_options(cfg, facts)
     for h, w in resolutions:
         spec.check_size(frames[0], h, w)
     samples = load_dataset(d.root, strict=False)
@@ -145,7 +145,7 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True) -> Prepared
     def plan(i_s):
         i, s = i_s
         try:
-            return plan_sample(s, cfg, variant, frames, resolutions, _rng(cfg.seed, i))
+            return plan_sample(s, cfg, facts, frames, resolutions, _rng(cfg.seed, i))
         except CogtuneError as e:
             return None, str(e)
 
@@ -158,7 +158,7 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True) -> Prepared
             skipped.append(f"{name}: {problem_text(why) if why else 'unusable'}")
             continue
         h, w, f = bucket
-        image = str(s.image) if variant.i2v and s.image is not None else None  # else: the first frame conditions
+        image = str(s.image) if facts.i2v and s.image is not None else None  # else: the first frame conditions
         item = CacheItem(str(s.video), s.caption, {"frames": f, "height": h, "width": w}, s.start, s.end, image)
         plans[id(item)] = (why, i)
         items.append(item)
@@ -207,16 +207,16 @@ def cache_root(cfg) -> Path:
 def video_fingerprint(spec, cfg) -> dict:
     d = cfg.data
     return {"v": CACHE_VERSION, "variant": spec.variant_name, "vae": fingerprint_files([Path(spec.model_path) / "vae"]),
-            "sampling": d.sampling, "target_fps": d.target_fps or spec.variant.fps, "window": d.window,
-            "short_clips": d.short_clips, "crop": d.crop, "i2v": spec.variant.i2v, "tiling": cfg.memory.vae_tiling,
+            "sampling": d.sampling, "target_fps": d.target_fps or spec.facts.fps, "window": d.window,
+            "short_clips": d.short_clips, "crop": d.crop, "i2v": spec.facts.i2v, "tiling": cfg.memory.vae_tiling,
             # the seed only picks random windows and crops
             "seed": cfg.seed if "random" in (d.sampling, d.window, d.crop) else None} | _dtype_key(spec)
 
 
 def text_fingerprint(spec) -> dict:
     path = Path(spec.model_path)
-    return {"v": CACHE_VERSION, "text_encoder": fingerprint_files([path / "text_encoder", path / "tokenizer"]),
-            "max_length": 226} | _dtype_key(spec)
+    return {"v": CACHE_VERSION, "text_encoder": fingerprint_files([path / "text_encoder", path / "tokenizer"])
+            } | spec.text_fingerprint() | _dtype_key(spec)
 
 
 def _dtype_key(spec) -> dict:

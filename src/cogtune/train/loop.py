@@ -39,7 +39,6 @@ from .summary import memory_forecast, run_summary
 
 log = logging.getLogger("cogtune")
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-HELDOUT_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 @dataclass
@@ -70,13 +69,14 @@ def heldout_loss(spec, transformer, items: list[dict], seed: int, loss_cfg, devi
     was_training = transformer.training
     transformer.eval()
     total = 0.0
+    points = spec.objective.heldout_points()  # (seed key, fixed timestep or noise level)
     for i, item in enumerate(items):
         batch = collate([item], device)
-        for t in HELDOUT_TIMESTEPS:
-            gens = [torch.Generator().manual_seed(seed + 1000 * i + t)]
-            total += spec.training_loss(transformer, batch, gens, torch.tensor([t]), loss_cfg).item()
+        for key, t in points:
+            gens = [torch.Generator().manual_seed(seed + 1000 * i + key)]
+            total += spec.training_loss(transformer, batch, gens, t, heldout=True).item()
     transformer.train(was_training)
-    return total / (len(items) * len(HELDOUT_TIMESTEPS))
+    return total / (len(items) * len(points))
 
 
 def prepare_model(spec, cfg: TrainConfig, device) -> list[torch.nn.Parameter]:
@@ -97,11 +97,11 @@ def prepare_model(spec, cfg: TrainConfig, device) -> list[torch.nn.Parameter]:
         every_kth_checkpointing(transformer, m.checkpointing_every, offload=m.activation_offload)
     # fp8 storage and block offload act on the host, so the full-size weights never visit the device
     if m.fp8_weights:
-        fp8_storage(transformer, dtype)
+        fp8_storage(transformer, dtype, spec.facts.fp8_skip)
     offload = block_offload(transformer, device) if m.block_offload else None
     spec.to(device, keep_on_host=offload.host_params() if offload else ())
     keep = not m.offload_encoders
-    spec.encoders_for_training(text=keep, vae=keep or (spec.variant.i2v and cfg.i2v.image_noise))
+    spec.encoders_for_training(text=keep, vae=keep or spec.vae_in_training)
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
@@ -109,7 +109,7 @@ def make_validator(spec, cfg: TrainConfig):
     v = cfg.validation
     if not v.prompts:
         return None
-    if spec.variant.i2v and len(v.images) != len(v.prompts):
+    if spec.facts.i2v and len(v.images) != len(v.prompts):
         raise CogtuneError(f"validation.images: {spec.variant_name} needs one image per prompt "
                            f"({len(v.prompts)} prompts, {len(v.images)} images)")
     for path in v.images:
@@ -118,7 +118,7 @@ def make_validator(spec, cfg: TrainConfig):
     from ..infer.validate import Validator
 
     return Validator(spec, v, v.frames or cfg.data.frames, v.height or cfg.data.height, v.width or cfg.data.width,
-                     spec.variant.fps)
+                     spec.facts.fps)
 
 
 def prefetched(sampler, load, in_ram=lambda: False):
@@ -169,16 +169,16 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> TrainResult:
-    variant = resolve_variant(cfg.model.path, cfg.model.variant)
-    problem = variant.check_frames(cfg.data.frames)
+    facts = resolve_variant(cfg.model.path, cfg.model.variant)
+    problem = facts.check_size(cfg.data.frames, cfg.data.height, cfg.data.width)
     if problem:
-        raise CogtuneError(f"data.frames={cfg.data.frames}: {problem}")
+        raise CogtuneError(problem)
     if cfg.method == "lora":  # a name that matches nothing (or a LayerNorm): one line now, not after caching
         from .lora import check_targets
 
         check_targets(transformer_skeleton(cfg.model.path), cfg.lora.target_modules)
     check_switches(cfg, world_size())  # before any process group exists
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, facts.block_classes)
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise CogtuneError("mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
     set_seed(cfg.seed)
@@ -207,6 +207,7 @@ def _train(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> TrainR
     frozen = WEIGHT_DTYPES[cfg.mixed_precision] if cfg.method == "lora" else torch.float32
     spec = load_spec(cfg.model.path, cfg.model.variant, {"transformer": frozen, "text_encoder": enc, "vae": enc})
     spec.check_size(cfg.data.frames, cfg.data.height, cfg.data.width)
+    spec.configure(cfg.loss, cfg.i2v)
     spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
     spec.encoders_to(device, enc, stream_text=cfg.memory.stream_text_encoder)
     data = prepare_data(spec, cfg, accelerator)
@@ -281,7 +282,7 @@ def _train(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> TrainR
                 with accelerator.accumulate(model):
                     position = ((micro % accum) * world + rank) * size
                     gens = sample_generators(cfg.seed, step, position, size)
-                    loss = spec.training_loss(model, batch, gens, loss_cfg=cfg.loss, i2v_cfg=cfg.i2v)
+                    loss = spec.training_loss(model, batch, gens)
                     loss_f = loss.item()  # the step's one host sync
                     if any_rank(accelerator, not math.isfinite(loss_f)):
                         mine = batch["paths"] if not math.isfinite(loss_f) else []

@@ -37,7 +37,7 @@ def check_targets(transformer: torch.nn.Module, target_modules: list[str]) -> No
     for target in target_modules:
         hits = [name for name in modules if name == target or name.endswith("." + target)]
         if not hits:
-            names = sorted({re.sub(r"^transformer_blocks\.\d+\.", "", n) for n, m in modules.items()
+            names = sorted({re.sub(r"^.*?\.\d+\.", "", n) for n, m in modules.items()  # block index and above
                             if isinstance(m, ADAPTABLE)})
             raise CogtuneError(f"lora.target_modules: {bounded(target)!r} matches no module of the transformer; "
                                f"the Linear/Conv2d names are: {', '.join(names)}")

@@ -10,12 +10,11 @@ from torch.utils.checkpoint import checkpoint
 from ..config import switch_conflicts
 from ..errors import CogtuneError
 
-FP8_SKIP = ("patch_embed", "norm", "lora_", "proj_out", "pos_embedding", "time_embedding", "ofs_embedding")
 
 
 def encoder_dtype(cfg, device: torch.device) -> torch.dtype:
-    """The dtype T5 and the VAE encode in (memory.encoder_dtype; auto: bf16 on a bf16-capable CUDA device with mixed
-    precision; T5 overflows in fp16, so an fp16 run still encodes in bf16)."""
+    """The dtype the text encoder and the VAE encode in (memory.encoder_dtype; auto: bf16 on a bf16-capable CUDA
+    device with mixed precision; T5-family text encoders overflow in fp16, so an fp16 run still encodes in bf16)."""
     cuda = device.type == "cuda"
     choice = cfg.memory.resolved_encoder_dtype(cfg.mixed_precision, cuda, cuda and torch.cuda.is_bf16_supported())
     return torch.bfloat16 if choice == "bf16" else torch.float32
@@ -24,8 +23,10 @@ def encoder_dtype(cfg, device: torch.device) -> torch.dtype:
 def every_kth_checkpointing(transformer, k: int, offload: bool = False) -> None:
     """Checkpoint blocks 0, k, 2k, ... only: memory between none and all, at a share of the recompute cost.
     With `offload`, what a checkpointed block keeps for backward (its tensor inputs) waits on the host."""
+    from ..models import repeated_blocks
+
     transformer.enable_gradient_checkpointing()
-    index = {id(block): i for i, block in enumerate(transformer.transformer_blocks)}
+    index = {id(block): i for i, block in enumerate(repeated_blocks(transformer))}
 
     def maybe_checkpoint(block, *args):
         if index.get(id(block), 0) % k:
@@ -73,14 +74,18 @@ def offloaded_checkpoint(block, *args):
     return checkpoint(run, use_reentrant=False)
 
 
-def fp8_storage(transformer, compute_dtype: torch.dtype) -> None:
+def fp8_storage(transformer, compute_dtype: torch.dtype, skip: tuple[str, ...] | None = None) -> None:
     """Frozen Linear weights stored in float8_e4m3fn and upcast per layer for compute; LoRA layers, norms and
     embeddings keep their dtype. Only sensible for frozen weights (LoRA), and with gradient checkpointing: without
     it, backward keeps the upcast copies alive (see the planner's notes)."""
     from diffusers.hooks import apply_layerwise_casting
 
+    if skip is None:  # the model's own list (ModelFacts.fp8_skip)
+        from ..models import facts_of_transformer
+
+        skip = facts_of_transformer(transformer).fp8_skip
     apply_layerwise_casting(transformer, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                            skip_modules_pattern=FP8_SKIP)
+                            skip_modules_pattern=skip)
 
 
 OPTIMIZERS = {  # name: (module, class, pip package)

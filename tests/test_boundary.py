@@ -1,0 +1,65 @@
+"""Guard rails that only tighten: model knowledge lives in models/, and the layers import downwards only.
+
+ALLOWED counts, per file outside models/, the model-specific names that are still there (class and module names of a
+family, variant names, text-encoder names, CogVideoX's 226-token text length). A file may never go above its count,
+a file not listed may have none, and a count that drops must be lowered here in the same change: the list only
+shrinks. What is left is mostly prose (what the official CogVideoX trainer does), CogVideoX-only formats (SAT, ZeRO
+checkpoints of its trainer, ComfyUI's CogVideoX names) and the planner's CogVideoX memory profile.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "cogtune"
+MODEL_NAMES = re.compile(r"CogVideoX|cogvideox|transformer_blocks|\bWan[A-Z]\w*|\bwan2|\bUMT5|\bT5\b|\b226\b")
+ALLOWED = {
+    "__init__.py": 1,
+    "cli.py": 1,
+    "config.py": 5,
+    "data/frames.py": 1,
+    "data/sources.py": 2,
+    "data/synth.py": 1,
+    "export/lora_formats.py": 14,
+    "export/sat.py": 37,
+    "export/shards.py": 1,
+    "export/zero.py": 2,
+    "objectives.py": 2,
+    "plan/__init__.py": 2,
+    "plan/cli.py": 2,
+    "plan/memory.py": 18,
+    "train/encode.py": 1,
+    "train/memory.py": 1,
+}
+
+
+def _counts() -> dict[str, int]:
+    counts = {}
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith("models/"):
+            continue
+        n = len(MODEL_NAMES.findall(path.read_text(encoding="utf-8")))
+        if n:
+            counts[rel] = n
+    return counts
+
+
+def test_model_names_stay_in_models():
+    counts = _counts()
+    grew = {f: (n, ALLOWED.get(f, 0)) for f, n in counts.items() if n > ALLOWED.get(f, 0)}
+    assert not grew, f"model-specific names outside models/ (file: (now, allowed)): {grew}; put them in a family"
+    shrank = {f: counts.get(f, 0) for f, n in ALLOWED.items() if counts.get(f, 0) < n}
+    assert not shrank, f"fewer model-specific names than allowed: lower ALLOWED to {shrank}"
+
+
+def test_no_module_outside_models_imports_a_family():
+    """Only the registry (models/__init__.py) names family modules; everyone else asks it."""
+    family = re.compile(r"from \.+models\.(cogvideox|variants|wan|tiny)\b|import cogtune\.models\.(cogvideox|wan)")
+    hits = [p.relative_to(SRC).as_posix() for p in SRC.rglob("*.py")
+            if not p.relative_to(SRC).as_posix().startswith("models/") and family.search(p.read_text(encoding="utf-8"))]
+    assert hits == ALLOWED_FAMILY_IMPORTS, f"imports of a family module outside models/: {hits}"
+
+
+ALLOWED_FAMILY_IMPORTS: list = []  # may only shrink (it is empty)
