@@ -21,6 +21,7 @@ from .facts import ModelFacts, UndetectableVariant
 
 FAMILIES = {
     "cogvideox": "cogtune.models.variants",
+    "wan": "cogtune.models.wan",
 }
 
 
