@@ -63,3 +63,30 @@ def test_no_module_outside_models_imports_a_family():
 
 
 ALLOWED_FAMILY_IMPORTS: list = []  # may only shrink (it is empty)
+
+
+# package -> the packages it may not import (the layers: data, models < export < infer < train; plan < train)
+FORBIDDEN = {
+    "data": {"models", "export", "train", "infer", "plan"},
+    "models": {"data", "export", "train", "infer", "plan"},
+    "export": {"train", "infer", "plan"},
+    "infer": {"train", "plan"},
+    "plan": {"data", "export", "train", "infer"},
+}
+RELATIVE = re.compile(r"^\s*from (\.+)(\w+)?(?:\.(\w+))?", re.M)
+
+
+def test_imports_go_downwards_only():
+    upward = []
+    for pkg, banned in FORBIDDEN.items():
+        for path in (SRC / pkg).rglob("*.py"):
+            for dots, mod, _ in RELATIVE.findall(path.read_text(encoding="utf-8")):
+                if len(dots) == 2 and mod in banned:
+                    upward.append(f"{pkg}/{path.name} imports {mod}")
+    assert not upward, upward
+
+
+def test_generate_knows_nothing_of_compare_or_the_commands():
+    """compare and the CLI build on generate, never the other way round (no import circle)."""
+    text = (SRC / "infer" / "generate.py").read_text(encoding="utf-8")
+    assert not re.search(r"from \.(compare|cli|webui)\b", text)

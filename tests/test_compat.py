@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from cogtune.errors import CogtuneError
 from cogtune.export.lora_formats import read_lora, write_comfyui
-from cogtune.infer.compat import check_lora_compat
+from cogtune.export.lora_compat import check_lora_compat
 from test_lora_formats import make_lora
 
 

@@ -199,7 +199,7 @@ def test_official_trainer_lora_gets_its_alpha(tiny_model, tmp_path, capsys, flag
 def test_real_size_layouts_map_onto_published_configs(variant):
     """Real sizes, no memory: meta tensors laid out the SAT way come back as exactly the published model's keys."""
     from cogtune.export.sat import check_against_model, infer_config, sat_to_diffusers
-    from cogtune.infer.compat import model_skeleton
+    from cogtune.export.lora_compat import model_skeleton
     from cogtune.models.variants import real_configs
 
     published = real_configs(variant)["transformer"]

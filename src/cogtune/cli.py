@@ -154,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     zero.register_cli(convert)
     fsdp.register_cli(convert)
 
-    from .infer import generate, webui
+    from .infer import cli as generate_cli
+    from .infer import webui
 
-    generate.register_cli(sub)
+    generate_cli.register_cli(sub)
     webui.register_cli(sub)
     return p
 

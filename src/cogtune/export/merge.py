@@ -72,7 +72,7 @@ def check_fused(transformer: torch.nn.Module, to: torch.dtype, loras: list) -> N
 
 def fuse_loras(transformer_dir: Path, loras: list, model_dir: Path):
     """The float32 transformer with `loras` ([LoraSpec]) fused in at their weights."""
-    from ..infer.compat import check_lora_compat
+    from .lora_compat import check_lora_compat
     from ..models import transformer_class
 
     read = []
@@ -98,7 +98,7 @@ def fuse_loras(transformer_dir: Path, loras: list, model_dir: Path):
 def merge_loras(model: str | Path, loras: list[str], out: str | Path, pipeline: bool = False,
                 dtype: str | None = None, max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     """Fuse `loras` (`PATH[:WEIGHT][@NAME]` strings) into the model's transformer; write OUT. Returns OUT."""
-    from ..infer.generate import parse_loras
+    from .adapters import parse_loras
     from ..models.folder import check_pipeline_folder, check_weights
     from .shards import (check_output_folder, plan_shards, refuse_overlap, resolve_dtype, save_transformer_folder,
                          staged_folder)
@@ -144,7 +144,7 @@ def _cmd_merge(args) -> None:
 
 def register_cli(subparsers) -> None:
     """Adds `cogtune lora merge --model DIR --lora A[:W] [--lora ...] OUT [--pipeline]` to the top-level subparsers."""
-    from ..infer.generate import lora_argument
+    from .adapters import lora_argument
 
     lora = cli_group(subparsers, "lora", "LoRA tools: convert between formats, merge into a model")
     p = lora.add_parser("merge", help="fuse LoRAs into the base transformer and write a standalone model folder")

@@ -185,7 +185,7 @@ def _read_config(path: str | Path) -> dict:
 
 def check_against_model(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """`sd` restricted to what the model stores, or one line naming the first key or shape that does not fit."""
-    from ..infer.compat import model_skeleton
+    from .lora_compat import model_skeleton
 
     expected = {k: tuple(v.shape) for k, v in model_skeleton(config).state_dict().items()}
     sd = {k: v for k, v in sd.items() if k in expected or k != "patch_embed.pos_embedding"}  # recomputed table

@@ -19,66 +19,12 @@ import torch
 
 from ..data.video import write_mp4
 from ..errors import CogtuneError
+from ..export.adapters import LoraSpec, lora_argument, parse_loras  # noqa: F401 (part of this API)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_GUIDANCE = 100.0  # far above any useful scale (6 is usual); larger ones only overflow the latents
 MAX_STEPS = 1000  # the schedulers train on 1000 timesteps; sampling cannot take more (checked per model too)
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
-
-
-@dataclass
-class LoraSpec:
-    path: Path
-    weight: float = 1.0
-    name: str | None = None
-
-    @classmethod
-    def parse(cls, text: str, index: int = 0) -> "LoraSpec":
-        """`PATH[:WEIGHT][@NAME]`; PATH is a LoRA file or a folder holding one (diffusers or ComfyUI format)."""
-        from ..export.lora_formats import resolve_lora_path
-
-        given, name = text, None
-        if "@" in text:
-            text, name = text.rsplit("@", 1)
-        weight = 1.0
-        head, sep, tail = text.rpartition(":")
-        if sep and head:
-            try:
-                weight, text = float(tail), head
-            except ValueError:
-                if Path(head).exists() and not Path(text).exists():
-                    raise CogtuneError(f"--lora {given}: weight {tail!r} is not a number; write PATH:WEIGHT, "
-                                       f"e.g. {head}:0.8") from None
-        if not math.isfinite(weight):
-            raise CogtuneError(f"--lora {given}: weight {weight} is not a finite number")
-        if name is not None and (not name or not name.replace("_", "").replace("-", "").isalnum()):
-            raise CogtuneError(f"--lora ...@{name}: an adapter name uses letters, digits, '_' and '-' only")
-        return cls(resolve_lora_path(text), weight, name or f"lora{index}")
-
-
-def lora_argument(text: str) -> str:
-    """argparse type of `--lora PATH[:WEIGHT][@NAME]`: a weight that is a number must be finite (checked while the
-    command line is parsed); the path is resolved later, by `LoraSpec.parse`."""
-    import argparse
-
-    head, sep, tail = text.rsplit("@", 1)[0].rpartition(":")
-    try:
-        weight = float(tail) if sep and head else 1.0
-    except ValueError:
-        return text  # not a weight: PATH may hold ':' itself
-    if not math.isfinite(weight):
-        raise argparse.ArgumentTypeError(f"weight {tail} of {text} is not a finite number; write PATH:WEIGHT, "
-                                         f"e.g. {head}:0.8")
-    return text
-
-
-def parse_loras(texts: Sequence[str]) -> list[LoraSpec]:
-    specs = [LoraSpec.parse(text, i) for i, text in enumerate(texts)]
-    names = [s.name for s in specs]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup:
-        raise CogtuneError(f"--lora: adapter name {dup!r} is given twice; name them apart with PATH@NAME")
-    return specs
 
 
 def default_size(model_dir: Path) -> tuple[int, int, int, int]:
@@ -209,7 +155,7 @@ def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype:
     from diffusers import DiffusionPipeline
 
     from ..export.lora_formats import load_lora_into_pipeline
-    from .compat import check_lora_compat
+    from ..export.lora_compat import check_lora_compat
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     model_dir = Path(model_dir)
@@ -310,58 +256,3 @@ def generate(model: str | Path, prompt: str, out: str | Path, loras: Sequence[st
     pipe = build_pipeline(model, specs, dtype, device, cpu_offload, vae_tiling, vae_slicing, fuse)
     video = sample(pipe, settings, on_step, progress=progress)
     return write_mp4(video, out, settings.fps, value_range=(0.0, 1.0))
-
-
-# --- CLI ------------------------------------------------------------------------------------------------------
-
-
-def add_sampling_args(p) -> None:
-    """Arguments shared by `generate` and `ui` (the model and its adapters)."""
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT][@NAME]", type=lora_argument,
-                   help="LoRA file or folder, repeatable; WEIGHT defaults to 1.0, NAME to lora<i>")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 with CUDA, fp32 on the CPU")
-    p.add_argument("--cpu-offload", action="store_true", help="keep idle parts on the CPU (CUDA only)")
-    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less memory at large sizes)")
-    p.add_argument("--vae-slicing", action="store_true", help="decode one video at a time")
-
-
-def _cmd_generate(args) -> None:
-    common = dict(
-        negative_prompt=args.negative_prompt, frames=args.frames, height=args.height, width=args.width,
-        steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale, fps=args.fps, dtype=args.dtype,
-        cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing,
-    )
-    if args.compare:
-        from .compare import compare
-
-        if args.fuse:
-            raise CogtuneError("--fuse and --compare do not mix: --compare switches adapters, fusing freezes them")
-        video, sheet = compare(args.model, args.prompt, args.out, args.lora, image=args.image, **common)
-        print(f"wrote {video} and {sheet}")
-        return
-    path = generate(args.model, args.prompt, args.out, args.lora, image=args.image, fuse=args.fuse, **common)
-    print(f"wrote {path}")
-
-
-def register_cli(subparsers) -> None:
-    """`cogtune generate`: T2V/I2V with named adapters, optional fusing, or a side-by-side comparison."""
-    from ..cli_types import SEED, float_range, int_range
-
-    g = subparsers.add_parser("generate", help="generate a video (T2V or I2V) with optional LoRA adapters")
-    g.add_argument("--model", required=True, help="diffusers pipeline folder")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--out", required=True, help="output .mp4 (--compare also writes <out>.png)")
-    g.add_argument("--image", help="first frame for an image-to-video (-i2v) model; required there")
-    add_sampling_args(g)
-    g.add_argument("--fuse", action="store_true", help="merge the adapters into the weights before sampling")
-    g.add_argument("--compare", action="store_true",
-                   help="base, each adapter alone and all together, same seed: one side-by-side mp4 + a PNG sheet")
-    g.add_argument("--negative-prompt", default="")
-    g.add_argument("--frames", type=int_range(1, 1000), help="default: the variant's native count")
-    g.add_argument("--height", type=int_range(16, 4096), help="default: the variant's native size")
-    g.add_argument("--width", type=int_range(16, 4096))
-    g.add_argument("--fps", type=int_range(1, 240), help="default: the variant's native fps")
-    g.add_argument("--steps", type=int_range(1, MAX_STEPS), default=50)
-    g.add_argument("--seed", type=SEED, default=0, help="0 to 2**64 - 1")
-    g.add_argument("--guidance-scale", type=float_range(0, MAX_GUIDANCE), help="default: the model's own")
-    g.set_defaults(func=_cmd_generate)

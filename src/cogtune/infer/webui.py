@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CogtuneError, bounded, one_line, os_error_text
-from .generate import (LoraSpec, Settings, activate_adapters, add_sampling_args, build_pipeline, load_image,
-                       parse_loras, resolve_settings, sample)
+from .cli import add_sampling_args
+from .generate import (LoraSpec, Settings, activate_adapters, build_pipeline, load_image, parse_loras,
+                       resolve_settings, sample)
 
 MAX_BODY = 32 * 1024 * 1024  # an uploaded first frame, base64-encoded
 FILE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(mp4|png)$")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CogtuneError
-from ..export.lora_formats import PREFIX, LoraWeights, read_lora
+from .lora_formats import PREFIX, LoraWeights, read_lora
 from ..models import transformer_skeleton, variant_of_configs
 from ..models.folder import read_json
 

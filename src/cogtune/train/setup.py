@@ -1,0 +1,204 @@
+"""Everything a run does before its first step, and can fail at: read as setup(cfg) → Run, then loop.py trains it.
+
+The order matters: every check that needs no weights runs before any process group exists, the output folder is
+changed only once every rank has looked at it, and nothing is trained before the cache is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from ..data.buckets import BucketBatchSampler
+from ..errors import CogtuneError
+from ..models import load_spec, resolve_variant, transformer_skeleton
+from .block_offload import block_offload
+from .checkpoint import (check_fresh_output, check_resumable, install_trainable_only_hooks, load_checkpoint,
+                         resolve_resume)
+from .distributed import is_sharded, make_accelerator, world_size
+from .encode import PreparedData, prepare_data
+from .memory import check_switches, encoder_dtype, every_kth_checkpointing, fp8_storage, make_optimizer
+from .metrics import MetricsLog
+from .runlock import RunLock, StopFlag
+from .summary import memory_forecast, run_summary
+
+log = logging.getLogger("cogtune")
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHARDED_OPTIMIZERS = ("zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp2")  # they save their own state
+
+
+@dataclass
+class Run:
+    """A run ready for its first step. `step` and `last_checkpoint` move as it trains."""
+    cfg: TrainConfig
+    out: Path
+    accelerator: object
+    spec: object
+    data: PreparedData
+    validator: object | None
+    model: torch.nn.Module  # as accelerate prepared it (wrapped for DDP/DeepSpeed/FSDP2)
+    transformer: torch.nn.Module  # the same, unwrapped
+    params: list[torch.nn.Parameter]
+    optimizer: object
+    lr_scheduler: object
+    sampler: BucketBatchSampler
+    sharded: tuple | None  # FSDP2: (model, optimizer, scheduler), saved through torch.distributed.checkpoint
+    run_config: dict
+    metrics: MetricsLog
+    heldout: list[dict]
+    step: int = 0
+    last_checkpoint: Path | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def everyone(self) -> bool:
+        """Sharded weights: every rank must run each forward pass (validation included)."""
+        return is_sharded(self.cfg) and self.world > 1
+
+
+def check_before_loading(cfg: TrainConfig):
+    """The model-vs-config rules, from the folder's configs alone, before any process group or weight."""
+    facts = resolve_variant(cfg.model.path, cfg.model.variant)
+    problem = facts.check_size(cfg.data.frames, cfg.data.height, cfg.data.width)
+    if problem:
+        raise CogtuneError(problem)
+    if cfg.method == "lora":  # a name that matches nothing (or a LayerNorm): one line now, not after caching
+        from .lora import check_targets
+
+        check_targets(transformer_skeleton(cfg.model.path), cfg.lora.target_modules)
+    check_switches(cfg, world_size())
+    return facts
+
+
+def prepare_output(cfg: TrainConfig, out: Path, lock: RunLock, accelerator, run_config: dict) -> Path | None:
+    """The checkpoint to resume from (checked), and the output folder made ready; returns the checkpoint."""
+    resume_from = resolve_resume(cfg.resume, out)  # before anything is written: a bad path fails fast
+    if resume_from is not None:
+        check_resumable(resume_from, run_config)
+    stale = check_fresh_output(out, cfg.overwrite) if resume_from is None else []  # resume=auto without one too
+    accelerator.wait_for_everyone()  # every rank has looked before the main one changes anything
+    if accelerator.is_main_process:
+        lock.acquire()
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    return resume_from
+
+
+def prepare_model(spec, cfg: TrainConfig, device) -> list[torch.nn.Parameter]:
+    """Make the trainable parameters (LoRA adapters or the whole transformer) and apply the memory switches."""
+    transformer = spec.transformer
+    if cfg.method == "lora":
+        from .lora import add_lora
+
+        add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
+    else:
+        transformer.requires_grad_(True)
+    dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    spec.cast(dtype)
+    m = cfg.memory
+    if m.activation_offload and device.type != "cuda":
+        log.warning("memory.activation_offload saves accelerator memory only; on %s it just copies", device.type)
+    if m.gradient_checkpointing:
+        every_kth_checkpointing(transformer, m.checkpointing_every, offload=m.activation_offload)
+    # fp8 storage and block offload act on the host, so the full-size weights never visit the device
+    if m.fp8_weights:
+        fp8_storage(transformer, dtype, spec.facts.fp8_skip)
+    offload = block_offload(transformer, device) if m.block_offload else None
+    spec.to(device, keep_on_host=offload.host_params() if offload else ())
+    keep = not m.offload_encoders
+    spec.encoders_for_training(text=keep, vae=keep or spec.vae_in_training)
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def make_validator(spec, cfg: TrainConfig):
+    v = cfg.validation
+    if not v.prompts:
+        return None
+    if spec.facts.i2v and len(v.images) != len(v.prompts):
+        raise CogtuneError(f"validation.images: {spec.variant_name} needs one image per prompt "
+                           f"({len(v.prompts)} prompts, {len(v.images)} images)")
+    for path in v.images:
+        if not Path(path).is_file():
+            raise CogtuneError(f"validation.images: {path} does not exist")
+    from ..infer.validate import Validator
+
+    return Validator(spec, v, v.frames or cfg.data.frames, v.height or cfg.data.height, v.width or cfg.data.width,
+                     spec.facts.fps)
+
+
+def load_model(cfg: TrainConfig, device):
+    """The model's spec, each part read in the dtype it trains or encodes in (a 5B LoRA run needs ~20 GB of host
+    RAM, not ~40), checked at the data's size and configured for the run."""
+    enc = encoder_dtype(cfg, device)
+    frozen = WEIGHT_DTYPES[cfg.mixed_precision] if cfg.method == "lora" else torch.float32
+    spec = load_spec(cfg.model.path, cfg.model.variant, {"transformer": frozen, "text_encoder": enc, "vae": enc})
+    spec.check_size(cfg.data.frames, cfg.data.height, cfg.data.width)
+    spec.configure(cfg.loss, cfg.i2v)
+    spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
+    spec.encoders_to(device, enc, stream_text=cfg.memory.stream_text_encoder)
+    return spec
+
+
+def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
+    facts = check_before_loading(cfg)
+    accelerator = make_accelerator(cfg, facts.block_classes)
+    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise CogtuneError("mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
+    set_seed(cfg.seed)
+    device, world = accelerator.device, accelerator.num_processes
+    if accelerator.is_main_process and device.type == "cuda":
+        forecast = memory_forecast(cfg, world, torch.cuda.get_device_properties(device).total_memory)
+        if forecast:
+            (tqdm.write if forecast[1] else log.warning)(forecast[0])
+    run_config = cfg.model_dump(mode="json") | {"world_size": world}
+    resume_from = prepare_output(cfg, out, lock, accelerator, run_config)
+
+    stop.at_once(True)  # until the first step nothing new is trained: a signal stops at once
+    spec = load_model(cfg, device)
+    data = prepare_data(spec, cfg, accelerator)
+    validator = make_validator(spec, cfg)
+    params = prepare_model(spec, cfg, device)
+    if accelerator.is_main_process:
+        tqdm.write(run_summary(cfg, spec.variant_name, spec.transformer, data, world, device, resume_from))
+    optimizer = make_optimizer(params, cfg.optimizer, cfg.memory.optimizer_in_backward)
+    # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor
+    lr_scheduler = get_scheduler(cfg.lr_scheduler.name, optimizer, num_warmup_steps=cfg.lr_scheduler.warmup_steps * world,
+                                 num_training_steps=cfg.max_steps * world)
+    model, optimizer, lr_scheduler = accelerator.prepare(spec.transformer, optimizer, lr_scheduler)
+    if cfg.distributed.strategy not in SHARDED_OPTIMIZERS:
+        install_trainable_only_hooks(accelerator, model)
+    transformer = accelerator.unwrap_model(model)
+    transformer.train()
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
+
+    sampler = BucketBatchSampler(data.buckets, cfg.batch_size, cfg.seed, accelerator.process_index, world,
+                                 drop_last=False)
+    sharded = (model, optimizer.optimizer, lr_scheduler) if cfg.distributed.strategy == "fsdp2" else None
+    step = 0
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from, run_config, sharded)
+        step = state["step"]
+        sampler.load_state_dict(state["sampler"])
+        log.info("resumed from %s at step %d", resume_from, step)
+    heldout = [data.dataset[i] for i in range(min(cfg.validation.heldout_clips, len(data.dataset)))]
+    return Run(cfg, out, accelerator, spec, data, validator, model, transformer, params, optimizer, lr_scheduler,
+               sampler, sharded, run_config, MetricsLog(out / "logs", enabled=accelerator.is_main_process), heldout,
+               step, resume_from)
