@@ -55,10 +55,13 @@ def test_what_wan_cannot_do_yet_is_one_line(trained):
     r = cogtune("lora", "convert", lora, trained / "comfy", "--to", "comfyui")
     assert r.returncode == 2 and "ComfyUI" in r.stderr and "Traceback" not in r.stderr
     assert not (trained / "comfy").exists()
-    r = cogtune("plan", trained / "run.yaml")
+    r = cogtune("plan", trained / "run.yaml")  # (a frame count off 4N+1: test_conformance)
     assert r.returncode == 2 and "no memory profile" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = cogtune("train", trained / "run.yaml", "data.frames=10", "overwrite=true")
-    assert r.returncode == 2 and "4N+1" in r.stderr
+
+
+def test_cogvideox_options_on_a_wan_model_are_refused_not_ignored(trained):
+    r = cogtune("train", trained / "run.yaml", "i2v.image_dropout=0.2", "overwrite=true")
+    assert r.returncode == 2 and "i2v" in r.stderr and "cogvideox" in r.stderr, r.stderr
 
 
 def test_a_cogvideox_variant_on_a_wan_folder_is_refused(trained):

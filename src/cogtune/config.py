@@ -7,12 +7,47 @@ and what would be right. Checks that need the model (frames allowed by the varia
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import CogtuneError, bounded, display_path, os_error_text
+
+# --- one table per concept ----------------------------------------------------------------------------------------
+
+
+class Strategy(NamedTuple):
+    zero: int | None  # DeepSpeed ZeRO stage, or None
+    offload: bool  # DeepSpeed keeps the fp32 shards (and for ZeRO-3 the parameters) on the host
+    sharded: bool  # the parameters themselves are split across ranks: every rank takes part in every forward
+    own_state: bool  # the strategy saves and loads its own (sharded) optimizer state in checkpoints
+
+
+STRATEGIES = {
+    "auto": Strategy(None, False, False, False),  # ddp with several processes, none with one
+    "ddp": Strategy(None, False, False, False),
+    "zero2": Strategy(2, False, False, True),
+    "zero2_offload": Strategy(2, True, False, True),
+    "zero3": Strategy(3, False, True, True),
+    "zero3_offload": Strategy(3, True, True, True),
+    "fsdp2": Strategy(None, False, True, True),
+}
+
+
+class Optimizer(NamedTuple):
+    module: str
+    cls: str
+    package: str  # what to pip install
+    state_bytes: float  # optimizer state per trainable parameter (what the planner counts)
+
+
+OPTIMIZERS = {
+    "adamw": Optimizer("torch.optim", "AdamW", "torch", 8.0),
+    "adamw8bit": Optimizer("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", 2.0),
+    "prodigy": Optimizer("prodigyopt", "Prodigy", "prodigyopt", 16.0),
+    "came": Optimizer("came_pytorch", "CAME", "came-pytorch", 4.0),
+}
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; more is a mistake (a dataset or a binary given as the config)
 MAX_CONFIG_NODES = 100_000  # YAML values after expanding aliases: a "billion laughs" file stops here, not in RAM
@@ -96,7 +131,7 @@ class LoraConfig(_Section):
 
 class OptimizerConfig(_Section):
     # adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt; use lr 1.0), came (came-pytorch)
-    name: Literal["adamw", "adamw8bit", "prodigy", "came"] = "adamw"
+    name: Literal[tuple(OPTIMIZERS)] = "adamw"
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     betas: tuple[Beta, Beta] = (0.9, 0.95)  # each in [0, 1): 1 or more makes the moment estimates diverge
@@ -209,7 +244,7 @@ class ValidationConfig(_Section):
 class DistributedConfig(_Section):
     # auto: ddp when several processes, nothing when one. zero*: DeepSpeed (config generated from this file;
     # deepspeed_config: a JSON whose keys override the generated ones). fsdp2: torch FSDP2 through accelerate.
-    strategy: Literal["auto", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp2"] = "auto"
+    strategy: Literal[tuple(STRATEGIES)] = "auto"
     deepspeed_config: Path | None = None
 
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cogtune.data.frames import SAMPLING_MODES, SHORT_POLICIES, WINDOWS, FramePlan, plan_frames
+from cogtune.data.frames import SAMPLING_MODES, SHORT_POLICIES, WINDOWS, FramePlan, plan_bucketed, plan_frames
 from cogtune.data.sources import Sample, read_dataset
 from cogtune.errors import CogtuneError, display_path
 
@@ -213,15 +213,11 @@ def _image_problems(sample: Sample) -> list[str]:
 
 
 def _plan(total: int, fps: float, sample: Sample, settings: dict[str, Any], rng: np.random.Generator) -> FramePlan:
-    """As training plans: the largest frame bucket the clip fills as it is, else the smallest under the policy."""
-    counts = sorted(set(settings["buckets"] or ()) | {settings["want"]}, reverse=True)
-    kwargs = {k: v for k, v in settings.items() if k not in ("want", "buckets", "short")}
-    for count in counts[:-1]:
-        plan = plan_frames(total, fps, count, start=sample.start, end=sample.end, rng=rng, **kwargs)
-        if plan.ok:
-            return plan
-    return plan_frames(total, fps, counts[-1], start=sample.start, end=sample.end, short=settings["short"], rng=rng,
-                       **kwargs)
+    """As training plans (`plan_bucketed`)."""
+    kwargs = {k: v for k, v in settings.items() if k not in ("want", "buckets", "short", "allowed", "mode")}
+    return plan_bucketed(total, fps, [*(settings["buckets"] or ()), settings["want"]], settings["mode"],
+                         short=settings["short"], allowed=settings["allowed"], start=sample.start, end=sample.end,
+                         rng=rng, **kwargs)
 
 
 def check_dataset(root: str | os.PathLike, frames: int = 49, height: int = 480, width: int = 720,
@@ -232,7 +228,7 @@ def check_dataset(root: str | os.PathLike, frames: int = 49, height: int = 480, 
     """Check every clip of the dataset at `root` in parallel (threads); one report per listed clip, in order,
     plus one per dataset-level problem (path = the list or table file).
 
-    Frames are planned as training plans them (`cogtune.data.frames.plan_frames`); with `frame_buckets` a clip
+    Frames are planned as training plans them (`cogtune.data.frames.plan_bucketed`); with `frame_buckets` a clip
     takes the largest bucket count it fills, and only the smallest one falls back to `short_policy`.
     """
     settings = dict(want=frames, mode=mode, target_fps=target_fps, short=short_policy, allowed=allowed,

@@ -225,3 +225,15 @@ def _validate(want: int, mode: str, target_fps: float | None, short: str, allowe
         raise CogtuneError("sampling mode 'fps' needs a target fps > 0 (the model's native fps, e.g. 8 or 16)")
     if short == "smaller" and not allowed:
         raise CogtuneError("short-clip policy 'smaller' needs the allowed frame counts (e.g. 49, 33, 17)")
+
+
+def plan_bucketed(total: int, fps: float, counts: Sequence[int], mode: str = "uniform", *, short: str = "skip",
+                  allowed: Sequence[int] | None = None, **kwargs) -> FramePlan:
+    """Frame buckets `counts`: the largest one the clip fills as it is; else the smallest, under the `short` policy
+    (and `allowed` counts for "smaller"). The one rule training and `data check` both plan by."""
+    counts = sorted(set(counts), reverse=True)
+    for count in counts[:-1]:
+        plan = plan_frames(total, fps, count, mode, short="skip", **kwargs)
+        if plan.ok:
+            return plan
+    return plan_frames(total, fps, counts[-1], mode, short=short, allowed=allowed, **kwargs)

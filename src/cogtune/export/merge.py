@@ -38,9 +38,9 @@ def _transformer_dir(model: Path) -> tuple[Path, bool]:
 
 def stored_dtype(transformer_dir: Path) -> torch.dtype:
     """The dtype most of the folder's weights are stored in (read from the safetensors headers only)."""
-    from .shards import folder_shapes
+    from .shards import _SAFETENSORS_DTYPE, DTYPES, folder_shapes
 
-    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    names = {_SAFETENSORS_DTYPE[dtype]: dtype for dtype in DTYPES.values()}
     counts: dict[str, int] = {}
     for shape, dtype, _ in folder_shapes(transformer_dir).values():
         n = 1

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from cogtune.dtypes import DTYPES  # noqa: F401 (the --dtype names, used here and re-exported)
 from cogtune.errors import CogtuneError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -34,7 +35,6 @@ INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 DEFAULT_CLASS = "CogVideoXTransformer3DModel"
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SAFETENSORS_DTYPE: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",

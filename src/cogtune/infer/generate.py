@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from ..data.video import write_mp4
+from ..dtypes import DTYPES
 from ..errors import CogtuneError
 from ..export.adapters import LoraSpec, lora_argument, parse_loras  # noqa: F401 (part of this API)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_GUIDANCE = 100.0  # far above any useful scale (6 is usual); larger ones only overflow the latents
 MAX_STEPS = 1000  # the schedulers train on 1000 timesteps; sampling cannot take more (checked per model too)
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)

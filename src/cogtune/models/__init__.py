@@ -7,6 +7,7 @@ A family is one module listed in FAMILIES (its light entry: no diffusers at impo
   folder_facts(facts, transformer_config) -> ModelFacts, load_spec(path, facts, dtypes) -> ModelSpec,
   transformer_skeleton(config) -> meta-device module, build_tiny_pipeline(variant, seed), tiny_size(variant),
   memory_configs(name) -> real configs for the planner, or None when it has no memory profile yet,
+  OPTIONS: the name of the config section holding the family's own options (validated by it), or None,
   COMFYUI_LORAS: whether export/lora_formats.py knows ComfyUI's names for its LoRAs.
 Everything else in cogtune talks to a model through ModelFacts (models/facts.py) and ModelSpec (models/spec.py).
 """
@@ -172,6 +173,19 @@ def repeated_blocks(transformer) -> list:
     """The transformer's repeated blocks, in order (what checkpointing, offload and FSDP work block by block)."""
     names = {c for f in families() for v in f.VARIANTS.values() for c in v.block_classes}
     return [m for m in transformer.modules() if type(m).__name__ in names]
+
+
+def family_options(cfg, facts: ModelFacts):
+    """The config section of `facts`' family's own options (None if it has none); a section of another family's
+    options that differs from its defaults is refused in one line (it would be ignored)."""
+    own = family(facts.family).OPTIONS
+    for f in families():
+        name = f.OPTIONS
+        section = getattr(cfg, name, None) if name else None
+        if name and name != own and section is not None and section != type(section)():
+            raise CogtuneError(f"{name}: these options are {f.FAMILY}'s; {facts.name} ({facts.family}) does not "
+                               f"take them: remove the {name} section")
+    return getattr(cfg, own) if own else None
 
 
 def facts_of_transformer(transformer) -> ModelFacts:

@@ -29,6 +29,7 @@ Variant = ModelFacts  # the old name of the record
 FAMILY = "cogvideox"
 CONFIG_KEYS = ("text_embed_dim", "time_embed_dim")
 PIPELINES = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")
+OPTIONS = "i2v"  # the config section of this family's own options (I2V image noise and dropout)
 # ComfyUI core's native CogVideoX names exist for these LoRAs (export/lora_formats.py)
 COMFYUI_LORAS = True
 _COMMON = dict(

@@ -24,6 +24,7 @@ from .facts import ModelFacts, UndetectableVariant
 FAMILY = "wan"
 CONFIG_KEYS = ("ffn_dim", "text_dim")
 PIPELINES = ("WanPipeline",)
+OPTIONS = None  # no options of its own
 COMFYUI_LORAS = False  # ComfyUI's names for Wan LoRAs: not yet
 TEXT_TOKENS = 512
 _COMMON = dict(

@@ -18,7 +18,7 @@ Outside the blocks 1.5 units (LoRA) / 3.5 (SFT). Transients, from live-tensor pe
 10 within a checkpointed block; backward 8 plus the recomputed block; +2 where CUDA autocast makes norm outputs fp32.
 
 Weights: frozen ones in the compute dtype (fp8_weights: 1 byte for Linear weights outside *norm* and patch_embed);
-trainable ones, their gradients and torch AdamW's foreach scratch (CUDA) in fp32; optimizer states OPTIMIZER_BYTES.
+trainable ones, their gradients and torch AdamW's foreach scratch (CUDA) in fp32; optimizer states config.OPTIMIZERS' state_bytes.
 Autocast caches a bf16 copy of each fp32 trainable weight through the forward (SFT). Layerwise casting and block
 offload swap `param.data` per layer or block, but what a frozen linear saves for backward keeps the compute-dtype
 (on-loaded) copy alive: fp8 storage and block offload save memory in checkpointed blocks only.
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from ..config import TrainConfig, switch_conflicts
+from ..config import OPTIMIZERS, TrainConfig, switch_conflicts
 from ..errors import CogtuneError
 
 GiB = float(2**30)
@@ -59,7 +59,6 @@ T5_STREAMED = 32128 * 4096 + 2 * 4096 * 10240
 T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
           "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
 UNITS = {"fwd_lora": 6.0, "fwd_sft": 1.0, "fwd_ckpt": 10.0, "bwd": 8.0, "norm32": 2.0, "out_lora": 1.5, "out_sft": 3.5}
-OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "prodigy": 16.0, "came": 4.0}  # state bytes per trainable param
 
 
 @dataclass(frozen=True)
@@ -353,7 +352,7 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
     loss_ws = 8 * 4 * batch * 16 * (tokens - TEXT_TOKENS) * st.patch**2 * (st.patch_t or 1)
 
     # weights, gradients, optimizer by strategy
-    opt = OPTIMIZER_BYTES.get(s.optimizer, 8.0)
+    opt = OPTIMIZERS[s.optimizer].state_bytes if s.optimizer in OPTIMIZERS else 8.0
     strategy = "ddp" if (s.strategy == "auto" and world > 1) else s.strategy
     w = world if strategy not in ("auto", "ddp") else 1
     opt_temp = 4.0 * p_t / w if (cuda and s.optimizer == "adamw" and not strategy.endswith("offload")) else 0.0

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from ..config import STRATEGIES
 from ..errors import CogtuneError
 
-DEEPSPEED = {"zero2": (2, False), "zero2_offload": (2, True), "zero3": (3, False), "zero3_offload": (3, True)}
+DEEPSPEED = {name: (s.zero, s.offload) for name, s in STRATEGIES.items() if s.zero}  # name: (stage, offload)
 
 
 def world_size() -> int:
@@ -148,4 +149,4 @@ def _all_block_classes() -> list[str]:
 
 def is_sharded(cfg) -> bool:
     """Parameters live on several ranks: every rank must take part in forward passes and in gathering weights."""
-    return cfg.distributed.strategy in ("zero3", "zero3_offload", "fsdp2")
+    return STRATEGIES[cfg.distributed.strategy].sharded

@@ -18,7 +18,7 @@ import torch
 
 from ..data.buckets import assign_bucket, resolutions_for_area
 from ..data.cache import CacheItem, LatentCache, fingerprint_files
-from ..data.frames import plan_frames
+from ..data.frames import plan_bucketed
 from ..data.sources import Sample, load_dataset, problem_text
 from ..data.video import decode_plan, load_image, probe
 from ..errors import CogtuneError
@@ -116,12 +116,8 @@ def plan_sample(sample: Sample, cfg, facts, frames: list[int], resolutions, rng=
     target_fps = d.target_fps or facts.fps
     kwargs = dict(start=sample.start, end=sample.end, target_fps=target_fps if d.sampling == "fps" else None,
                   window=d.window, rng=rng)
-    for count in frames[:-1]:  # the largest frame bucket the clip fills as it is
-        plan = plan_frames(info.frames, info.fps, count, d.sampling, short="skip", **kwargs)
-        if plan.ok:
-            return (*hw, count), plan
     allowed = frames if len(frames) > 1 else [f for f in facts.allowed_frames() if f <= frames[0]]
-    plan = plan_frames(info.frames, info.fps, frames[-1], d.sampling, short=d.short_clips, allowed=allowed, **kwargs)
+    plan = plan_bucketed(info.frames, info.fps, frames, d.sampling, short=d.short_clips, allowed=allowed, **kwargs)
     if not plan.ok:
         return None, plan.reason
     return (*hw, plan.frames), plan

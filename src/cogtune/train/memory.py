@@ -7,7 +7,7 @@ import importlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..config import switch_conflicts
+from ..config import OPTIMIZERS, switch_conflicts
 from ..errors import CogtuneError
 
 
@@ -88,12 +88,6 @@ def fp8_storage(transformer, compute_dtype: torch.dtype, skip: tuple[str, ...] |
                             skip_modules_pattern=skip)
 
 
-OPTIMIZERS = {  # name: (module, class, pip package)
-    "adamw": ("torch.optim", "AdamW", "torch"),
-    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
-    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
-    "came": ("came_pytorch", "CAME", "came-pytorch"),
-}
 
 
 class OptimizerInBackward(torch.optim.Optimizer):
@@ -146,7 +140,7 @@ def check_switches(cfg, world: int) -> None:
 def make_optimizer(params, o, in_backward: bool = False) -> torch.optim.Optimizer:
     if in_backward:
         return OptimizerInBackward(params, lambda one: make_optimizer(one, o))
-    module, cls, package = OPTIMIZERS[o.name]
+    module, cls, package, _ = OPTIMIZERS[o.name]
     try:
         optimizer_cls = getattr(importlib.import_module(module), cls)
     except ImportError:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
+from ..config import STRATEGIES
+from ..dtypes import DTYPES
 from ..errors import CogtuneError, os_error_text
 
 log = logging.getLogger("cogtune")
 
-SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def export_pipeline_folder(base: Path, transformer_dir: Path, out: Path) -> Path:
@@ -65,7 +66,7 @@ def save_outputs(accelerator, model, spec, cfg, step: int, out: Path | None = No
     unwrapped = accelerator.unwrap_model(model)
     info = {"variant": spec.variant_name, "base_model": str(Path(cfg.model.path).resolve()), "method": cfg.method,
             "frames": cfg.data.frames, "height": cfg.data.height, "width": cfg.data.width, "steps": step}
-    sharded = cfg.distributed.strategy in ("zero3", "zero3_offload", "fsdp2") and accelerator.num_processes > 1
+    sharded = STRATEGIES[cfg.distributed.strategy].sharded and accelerator.num_processes > 1
     fsdp2 = cfg.distributed.strategy == "fsdp2" and accelerator.num_processes > 1
     state = full_state_dict(accelerator, model, fsdp2) if cfg.method == "sft" or sharded else None
     if not accelerator.is_main_process:
@@ -76,7 +77,7 @@ def save_outputs(accelerator, model, spec, cfg, step: int, out: Path | None = No
         return {"lora": save_lora(unwrapped, out / "lora", info, full_state=state)}
     from ..export.shards import save_transformer_folder
 
-    dtype = SAVE_DTYPES[cfg.sft.save_dtype] if cfg.sft.save_dtype else None
+    dtype = DTYPES[cfg.sft.save_dtype] if cfg.sft.save_dtype else None
     folder = save_transformer_folder(state, dict(unwrapped.config), out / "transformer", dtype=dtype,
                                      max_shard_size=cfg.sft.max_shard_size, overwrite=True)
     outputs = {"transformer": folder}

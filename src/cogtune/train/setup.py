@@ -17,10 +17,11 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig
+from ..config import STRATEGIES, TrainConfig
 from ..data.buckets import BucketBatchSampler
+from ..dtypes import MIXED_PRECISION as WEIGHT_DTYPES  # mixed_precision -> the frozen weights' dtype
 from ..errors import CogtuneError
-from ..models import load_spec, resolve_variant, transformer_skeleton
+from ..models import family_options, load_spec, resolve_variant, transformer_skeleton
 from .block_offload import block_offload
 from .checkpoint import (check_fresh_output, check_resumable, install_trainable_only_hooks, load_checkpoint,
                          resolve_resume)
@@ -32,8 +33,6 @@ from .runlock import RunLock, StopFlag
 from .summary import memory_forecast, run_summary
 
 log = logging.getLogger("cogtune")
-WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SHARDED_OPTIMIZERS = ("zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp2")  # they save their own state
 
 
 @dataclass
@@ -82,6 +81,7 @@ def check_before_loading(cfg: TrainConfig):
         from .lora import check_targets
 
         check_targets(transformer_skeleton(cfg.model.path), cfg.lora.target_modules)
+    family_options(cfg, facts)  # another family's options are refused, not ignored
     check_switches(cfg, world_size())
     return facts
 
@@ -151,7 +151,7 @@ def load_model(cfg: TrainConfig, device):
     frozen = WEIGHT_DTYPES[cfg.mixed_precision] if cfg.method == "lora" else torch.float32
     spec = load_spec(cfg.model.path, cfg.model.variant, {"transformer": frozen, "text_encoder": enc, "vae": enc})
     spec.check_size(cfg.data.frames, cfg.data.height, cfg.data.width)
-    spec.configure(cfg.loss, cfg.i2v)
+    spec.configure(cfg.loss, family_options(cfg, spec.facts))
     spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
     spec.encoders_to(device, enc, stream_text=cfg.memory.stream_text_encoder)
     return spec
@@ -183,7 +183,7 @@ def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
     lr_scheduler = get_scheduler(cfg.lr_scheduler.name, optimizer, num_warmup_steps=cfg.lr_scheduler.warmup_steps * world,
                                  num_training_steps=cfg.max_steps * world)
     model, optimizer, lr_scheduler = accelerator.prepare(spec.transformer, optimizer, lr_scheduler)
-    if cfg.distributed.strategy not in SHARDED_OPTIMIZERS:
+    if not STRATEGIES[cfg.distributed.strategy].own_state:
         install_trainable_only_hooks(accelerator, model)
     transformer = accelerator.unwrap_model(model)
     transformer.train()
