@@ -84,7 +84,11 @@ def _cmd_train(args) -> None:
     pickles.allow_unsafe(args.unsafe_pickle)  # for resume's checkpoint files
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
-        return
+        # the other ranks have nothing left to write; skipping the interpreter's teardown avoids a rare abort
+        # ("terminate called without an active exception") from threads of the process group's backend at exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if result.skipped:
         print(f"skipped {len(result.skipped)} clips:", *result.skipped, sep="\n  ")
     if result.interrupted:
@@ -102,21 +106,34 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"cogtune: error: {one_line(message)} (see: {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .cli_types import SEED, int_range
+COMMANDS = {  # top-level command: its help line (the --help listing needs no module of any command)
+    "tiny": "write a tiny random-weight pipeline folder of a variant (no download)",
+    "data": "dataset tools",
+    "train": "train from a YAML config; key=value pairs override it",
+    "plan": "predict peak GPU and host memory of a run; propose switches that fit a GPU",
+    "lora": "LoRA tools: convert between formats, merge into a model",
+    "convert": "convert foreign checkpoints to diffusers",
+    "generate": "generate a video (T2V or I2V) with optional LoRA adapters",
+    "ui": "a small web UI for generate and compare",
+}
+
+
+def _register_tiny(sub) -> None:
+    from .cli_types import SEED
     from .models import all_variants
 
-    p = Parser(prog="cogtune", description="Fine-tune video diffusion models; outputs load in stock diffusers.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("tiny", help="write a tiny random-weight pipeline folder of a variant (no download)")
+    t = sub.add_parser("tiny", help=COMMANDS["tiny"])
     t.add_argument("dir")
     t.add_argument("--variant", default="cogvideox-5b", choices=sorted(all_variants()))
     t.add_argument("--seed", type=SEED, default=0)
     t.set_defaults(func=_cmd_tiny)
 
-    d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+
+def _register_data(sub) -> None:
+    from .cli_types import SEED, int_range
+    from .data import check
+
+    d = sub.add_parser("data", help=COMMANDS["data"]).add_subparsers(dest="data_command", required=True)
     s = d.add_parser("synth", help="write a small synthetic dataset of real H.264 clips (official layout)")
     s.add_argument("dir")
     s.add_argument("--clips", type=int_range(1, 10_000), default=8)
@@ -127,38 +144,71 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.add_argument("overrides", nargs="*", metavar="key=value")
     c.set_defaults(func=_cmd_data_cache)
-    from .data import check
-
     check.register_cli(d, model_facts=_model_facts)
 
-    tr = sub.add_parser("train", help="train from a YAML config; key=value pairs override it")
+
+def _register_train(sub) -> None:
+    from .cli_types import int_range
+    from .pickles import add_unsafe_argument
+
+    tr = sub.add_parser("train", help=COMMANDS["train"])
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     tr.add_argument("--nproc", type=int_range(1, 1024), default=1, help="start N processes on this node with torchrun")
-    from .pickles import add_unsafe_argument
-
     add_unsafe_argument(tr)
     tr.set_defaults(func=_cmd_train)
 
-    from .export import lora_formats, merge, sat
+
+def _register_plan(sub) -> None:
     from .plan import cli as plan_cli
 
     plan_cli.register_cli(sub)
 
+
+def _register_lora(sub) -> None:
+    from .export import lora_formats, merge
+
     lora_formats.register_cli(sub)
     merge.register_cli(sub)
-    sat.register_cli(sub)
-    from .export import fsdp, zero
 
-    convert = lora_formats.cli_group(sub, "convert", "convert foreign checkpoints to diffusers")
+
+def _register_convert(sub) -> None:
+    from .export import fsdp, lora_formats, sat, zero
+
+    sat.register_cli(sub)
+    convert = lora_formats.cli_group(sub, "convert", COMMANDS["convert"])
     zero.register_cli(convert)
     fsdp.register_cli(convert)
 
+
+def _register_generate(sub) -> None:
     from .infer import cli as generate_cli
-    from .infer import webui
 
     generate_cli.register_cli(sub)
+
+
+def _register_ui(sub) -> None:
+    from .infer import webui
+
     webui.register_cli(sub)
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The top-level command named on the command line (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `command` only that command's (the others are listed, not built: a command's
+    module is imported only when it runs, so `cogtune --help` and a refused config cost no torch import)."""
+    p = Parser(prog="cogtune", description="Fine-tune video diffusion models; outputs load in stock diffusers.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        if command is None or command == name:
+            globals()[f"_register_{name}"](sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return p
 
 
@@ -169,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--debug" not in (sys.argv[1:] if argv is None else argv):
         # bitsandbytes (imported by diffusers when installed) warns about 4-bit CPU kernels cogtune never uses
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    parser = build_parser()
+    given = sys.argv[1:] if argv is None else argv
+    command = _command_of(given)
+    parser = build_parser(command if command in COMMANDS else "")  # an unknown one: argparse names the choices
     try:  # a bad option is its one line and exit 2 (--help: exit 0), also for callers of main() in Python
         args, extra = parser.parse_known_args(argv)
         if getattr(args, "overrides", None) is not None:  # key=value pairs may come after options too
@@ -184,12 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads unless the user asks
-    if not args.debug:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars; ours stay
-        transformers_logging.disable_progress_bar()
+    if not args.debug:  # their "Loading pipeline components" bars, once a command loads them (ours stay)
+        os.environ["COGTUNE_QUIET_LIBRARIES"] = "1"
     start = time.perf_counter()
     try:
         args.func(args)

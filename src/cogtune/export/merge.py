@@ -80,6 +80,9 @@ def fuse_loras(transformer_dir: Path, loras: list, model_dir: Path):
         lora = read_lora(spec.path)
         check_lora_compat(lora, model_dir)
         read.append(lora)
+    from .. import quiet_libraries
+
+    quiet_libraries()
     transformer = transformer_class(transformer_dir).from_pretrained(str(transformer_dir), torch_dtype=torch.float32,
                                                                      use_safetensors=True)
     names = []

@@ -168,6 +168,9 @@ def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype:
     torch_dtype = pick_dtype(dtype, cuda)
     for lora in loras:  # all checked before the slow load: one clear line instead of a shape error inside peft
         check_lora_compat(lora.path, model_dir)
+    from .. import quiet_libraries
+
+    quiet_libraries()
     pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True,
                                              use_safetensors=True)
     with warnings.catch_warnings():  # peft warns on every adapter after the first; several are what we want here

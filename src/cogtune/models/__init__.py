@@ -203,6 +203,9 @@ def write_tiny_pipeline(out_dir, variant: str, seed: int = 0) -> Path:
     `cogtune_tiny.json` ({"variant", "frames", "height", "width"}); returns its path."""
     import json
 
+    from .. import quiet_libraries
+
+    quiet_libraries()
     facts = get_variant(variant)
     f = family(facts.family)
     out = Path(out_dir)

@@ -34,6 +34,9 @@ class PipelineSpec:
             variant = resolve_variant(path, variant)
         from diffusers import DiffusionPipeline
 
+        from .. import quiet_libraries
+
+        quiet_libraries()
         dtype = {"default": torch.float32, **dtypes} if dtypes else torch.float32
         pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True, use_safetensors=True)
         for part in (pipe.transformer, pipe.vae, pipe.text_encoder):
