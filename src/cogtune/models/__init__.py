@@ -141,8 +141,9 @@ def resolve_variant(path, variant: str | None = None, weights: bool = True, key:
 
 def load_spec(path, variant: str | None = None, dtypes: dict | None = None):
     """The ModelSpec for a local diffusers model folder. `dtypes`: component name → the torch dtype it is read in
-    ("default" for the rest; fp32 when not given)."""
-    facts = resolve_variant(path, variant)
+    ("default" for the rest; fp32 when not given). `variant`: a name, or the facts resolve_variant gave already
+    (the folder is not checked a second time)."""
+    facts = variant if isinstance(variant, ModelFacts) else resolve_variant(path, variant)
     return family(facts.family).load_spec(path, facts, dtypes)
 
 

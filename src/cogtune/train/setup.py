@@ -144,12 +144,12 @@ def make_validator(spec, cfg: TrainConfig):
                      spec.facts.fps)
 
 
-def load_model(cfg: TrainConfig, device):
+def load_model(cfg: TrainConfig, device, facts):
     """The model's spec, each part read in the dtype it trains or encodes in (a 5B LoRA run needs ~20 GB of host
     RAM, not ~40), checked at the data's size and configured for the run."""
     enc = encoder_dtype(cfg, device)
     frozen = WEIGHT_DTYPES[cfg.mixed_precision] if cfg.method == "lora" else torch.float32
-    spec = load_spec(cfg.model.path, cfg.model.variant, {"transformer": frozen, "text_encoder": enc, "vae": enc})
+    spec = load_spec(cfg.model.path, facts, {"transformer": frozen, "text_encoder": enc, "vae": enc})
     spec.check_size(cfg.data.frames, cfg.data.height, cfg.data.width)
     spec.configure(cfg.loss, family_options(cfg, spec.facts))
     spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
@@ -172,7 +172,7 @@ def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
     resume_from = prepare_output(cfg, out, lock, accelerator, run_config)
 
     stop.at_once(True)  # until the first step nothing new is trained: a signal stops at once
-    spec = load_model(cfg, device)
+    spec = load_model(cfg, device, facts)
     data = prepare_data(spec, cfg, accelerator)
     validator = make_validator(spec, cfg)
     params = prepare_model(spec, cfg, device)
