@@ -62,10 +62,6 @@ def trusting(flag: bool | None):
         allow_unsafe(before)
 
 
-def add_unsafe_argument(parser) -> None:
-    parser.add_argument(FLAG, dest="unsafe_pickle", action="store_true", help=FLAG_HELP)
-
-
 # --- the allow-list ---------------------------------------------------------------------------------------------
 
 class _Record:

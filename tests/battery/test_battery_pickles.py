@@ -30,7 +30,7 @@ from diffusers import CogVideoXTransformer3DModel
 from safetensors.torch import load_file
 
 from harness import ENV, assert_intact, assert_no_temp, assert_refused, cli, snapshot
-from test_sat import to_sat
+from helpers.sat import to_sat
 
 HELPER = Path(__file__).parent.parent / "helpers" / "zero_train.py"
 PAYLOADS = ("os.system", "posix.system", "builtins.exec")

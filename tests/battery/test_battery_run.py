@@ -4,7 +4,6 @@ checkpoints, and a final save onto a full, size-limited or read-only disk."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess

@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cogtune.data.frames import SAMPLING_MODES, SHORT_POLICIES, WINDOWS, FramePlan, plan_bucketed, plan_frames
+from cogtune.data.frames import FramePlan, plan_bucketed, plan_frames
 from cogtune.data.sources import Sample, read_dataset
 from cogtune.errors import CogtuneError, display_path
 
@@ -374,39 +373,3 @@ def run_check(args: argparse.Namespace) -> int:
     return 1 if args.strict and any(not r.ok for r in reports) else 0
 
 
-def _cmd_check(args: argparse.Namespace) -> None:
-    code = run_check(args)
-    if code:
-        sys.stdout.flush()
-        raise SystemExit(code)
-
-
-def _counts(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected frame counts like 49,33,17, got {text!r}") from None
-
-
-def register_cli(data_subparsers: argparse._SubParsersAction, model_facts=None) -> argparse.ArgumentParser:
-    """Add `check` to the `cogtune data` subcommands; its handler is set as `func`. `model_facts(model_cfg)` gives
-    the (fps, allowed frame counts) of a config's model, or None."""
-    p = data_subparsers.add_parser("check", help="check every clip of a dataset and report problems",
-                                   description=__doc__.split("\n\n")[0])
-    p.add_argument("root", nargs="?", help="dataset folder or table file (default: data.root of --config)")
-    p.add_argument("--config", help="training YAML: its data.* settings are used (flags override them)")
-    p.add_argument("--frames", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--sampling", choices=SAMPLING_MODES)
-    p.add_argument("--fps", type=float, help="target fps for --sampling fps (the model's native fps, e.g. 8 or 16)")
-    p.add_argument("--short", choices=SHORT_POLICIES, help="short-clip policy (default skip)")
-    p.add_argument("--window", choices=WINDOWS)
-    p.add_argument("--allowed", type=_counts, help="frame counts for --short smaller, e.g. 49,33,17")
-    p.add_argument("--json", metavar="REPORT.json", help="also write the reports as JSON")
-    p.add_argument("--decode", action="store_true", help="decode every frame (slower; finds corrupt data)")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any clip has a problem")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--seed", type=int, default=0, help="seed of random windows (span only)")
-    p.set_defaults(func=_cmd_check, model_facts=model_facts)
-    return p

@@ -15,7 +15,7 @@ import torch
 from cogtune import pickles
 from cogtune.errors import CogtuneError
 from cogtune.export.shards import refuse_overlap
-from cogtune.export.to_diffusers import add_convert_arguments, base_transformer, check_fits, name_prefix, refuse_lora, \
+from cogtune.export.to_diffusers import base_transformer, check_fits, name_prefix, refuse_lora, \
     write_transformer
 
 MODEL = "model."  # cogtune saves {"model": ..., "optimizer": ...}; DCP flattens the nesting into dotted keys
@@ -64,11 +64,3 @@ def convert_fsdp(checkpoint: str | Path, out_dir: str | Path, base_model_dir: st
     return write_transformer(out_dir, config_path, expected, dtype, max_shard_size, overwrite, fill, what)
 
 
-def register_cli(convert_subparsers) -> None:
-    """Add `fsdp` to the `cogtune convert` subcommands."""
-    p = convert_subparsers.add_parser(
-        "fsdp", help="FSDP2 checkpoint (checkpoint-N/sharded/) -> diffusers transformer folder",
-        description="Gather the weights of a cogtune FSDP2 full fine-tune checkpoint, one tensor at a time and "
-                    "without a process group, and write them as a diffusers transformer folder (config.json + "
-                    "safetensors, sharded past --max-shard-size).")
-    add_convert_arguments(p, "a checkpoint-N folder of an fsdp2 run (or its sharded/)", convert_fsdp)

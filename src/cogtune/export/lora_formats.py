@@ -20,7 +20,6 @@ it), which makes diffusers -> ComfyUI -> diffusers give back the same tensors an
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -425,42 +424,3 @@ def convert_lora(src: str | Path, out: str | Path, to: str, alpha: float | None 
     lora = read_lora(src, assume_alpha=alpha)  # an alpha recorded in the file wins; `alpha` fills in a missing one
     write = write_comfyui if to == "comfyui" else write_diffusers
     return lora, write(lora, dest, overwrite)
-
-
-# --- CLI ------------------------------------------------------------------------------------------------------
-
-
-def cli_group(subparsers, name: str, help_text: str):
-    """The sub-subparsers of top-level command `name`, created on first use (shared by several register_cli)."""
-    parser = subparsers.choices.get(name)
-    if parser is None:
-        parser = subparsers.add_parser(name, help=help_text)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return parser.add_subparsers(dest=f"{name}_command", required=True)
-
-
-def _cmd_convert(args) -> None:
-    lora, path = convert_lora(args.src, args.out, args.to, args.alpha, overwrite=args.overwrite)
-    if not lora.alpha_stored and args.alpha is None:
-        print(f"note: {args.src} records no alpha; wrote alpha = rank (scale 1.0, what diffusers assumes); "
-              "pass --alpha A if it was trained with another alpha")
-    ranks = sorted({lora.rank(m) for m in lora.modules})
-    print(f"wrote {args.to} LoRA {path} ({len(lora.modules)} modules, rank {'/'.join(map(str, ranks))}, "
-          f"alpha {lora.lora_config.get('lora_alpha')})")
-
-
-def register_cli(subparsers) -> None:
-    """Adds `cogtune lora convert IN OUT --to comfyui|diffusers [--alpha A]` to the top-level subparsers."""
-    from ..cli_types import float_range
-
-    lora = cli_group(subparsers, "lora", "LoRA tools: convert between formats, merge into a model")
-    p = lora.add_parser("convert", help="convert a LoRA between the diffusers and ComfyUI formats (alpha kept)")
-    p.add_argument("src", metavar="IN", help="LoRA .safetensors file (either format) or a folder holding one")
-    p.add_argument("out", metavar="OUT", help="output .safetensors file, or a folder")
-    p.add_argument("--to", required=True, choices=FORMATS)
-    p.add_argument("--alpha", type=float_range(0, low_open=True),
-                   help="alpha for a LoRA that records none (default: rank, as diffusers)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
-    p.set_defaults(func=_cmd_convert)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CogtuneError
-from .lora_formats import cli_group, read_lora
+from .lora_formats import read_lora
 
 MERGE_INFO = "cogtune_merge.json"
 
@@ -138,25 +138,3 @@ def merge_loras(model: str | Path, loras: list[str], out: str | Path, pipeline: 
     return out
 
 
-def _cmd_merge(args) -> None:
-    out = merge_loras(args.model, args.lora, args.out, pipeline=args.pipeline, dtype=args.dtype,
-                      max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    what = "pipeline" if args.pipeline else "transformer"
-    print(f"merged {len(args.lora)} LoRA(s) into a {what} folder: {out}")
-
-
-def register_cli(subparsers) -> None:
-    """Adds `cogtune lora merge --model DIR --lora A[:W] [--lora ...] OUT [--pipeline]` to the top-level subparsers."""
-    from .adapters import lora_argument
-
-    lora = cli_group(subparsers, "lora", "LoRA tools: convert between formats, merge into a model")
-    p = lora.add_parser("merge", help="fuse LoRAs into the base transformer and write a standalone model folder")
-    p.add_argument("--model", required=True, help="diffusers pipeline folder (or its transformer/ folder)")
-    p.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT][@NAME]", type=lora_argument,
-                   help="LoRA file or folder, diffusers or ComfyUI format; repeatable")
-    p.add_argument("out", metavar="OUT", help="output folder: transformer folder, or pipeline folder with --pipeline")
-    p.add_argument("--pipeline", action="store_true", help="write a full pipeline folder (other components linked)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the model's own)")
-    p.add_argument("--max-shard-size", default="5GB")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    p.set_defaults(func=_cmd_merge)

@@ -39,7 +39,7 @@ import torch
 
 from .. import pickles
 from ..errors import CogtuneError
-from .lora_formats import (PREFIX, WEIGHT_NAME, LoraWeights, build_lora_config, check_output_file, cli_group,
+from .lora_formats import (PREFIX, WEIGHT_NAME, LoraWeights, build_lora_config, check_output_file,
                            output_path, read_lora, write_diffusers)
 
 SAT_PREFIX = "model.diffusion_model."
@@ -284,27 +284,3 @@ def convert_sat(ckpt: str | Path, out: str | Path, variant: str, alpha: float | 
                                    max_shard_size=max_shard_size, overwrite=overwrite)
 
 
-def _cmd_sat(args) -> None:
-    path = convert_sat(args.ckpt, args.out, args.variant, alpha=args.alpha, config=args.config, dtype=args.dtype,
-                       max_shard_size=args.max_shard_size, overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle)
-    print(f"wrote {path}")
-
-
-def register_cli(subparsers) -> None:
-    """Adds `cogtune convert sat CKPT OUT --variant V [...]` to the top-level subparsers."""
-    from ..models import family
-
-    VARIANTS = family("cogvideox").VARIANTS  # SAT is CogVideoX's own training format
-
-    convert = cli_group(subparsers, "convert", "convert foreign checkpoints to diffusers")
-    p = convert.add_parser("sat", help="SAT checkpoint or LoRA (or an alpha-less official-trainer LoRA) -> diffusers")
-    p.add_argument("ckpt", metavar="CKPT", help=f"{SAT_FILE}, a SAT save folder, or an official-trainer LoRA")
-    p.add_argument("out", metavar="OUT", help="transformer folder (full checkpoint) or LoRA folder/.safetensors")
-    p.add_argument("--variant", required=True, choices=sorted(VARIANTS))
-    p.add_argument("--alpha", type=float, help="LoRA alpha (default: SAT 1; official finetune trainer 64)")
-    p.add_argument("--config", help="transformer config.json (or model folder) to use instead of the published one")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the checkpoint's)")
-    p.add_argument("--max-shard-size", default="5GB")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT folder or an existing LoRA file")
-    pickles.add_unsafe_argument(p)
-    p.set_defaults(func=_cmd_sat)

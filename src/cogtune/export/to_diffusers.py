@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from cogtune import pickles
 from cogtune.errors import CogtuneError
 from cogtune.export.shards import (CONFIG_NAME, ShardWriter, TensorSpec, model_specs, resolve_dtype, shape_problems,
                                    staged_folder, target_dtype, verify_transformer_folder)
@@ -80,16 +79,3 @@ def write_transformer(out_dir: str | Path, config_path: Path, expected: dict[str
     return Path(out_dir)
 
 
-def add_convert_arguments(p, checkpoint_help: str, convert: Callable[..., Path]) -> None:
-    """The arguments every `cogtune convert` of a full fine-tune takes, and the command that calls `convert`."""
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help=checkpoint_help)
-    p.add_argument("out", metavar="OUT", help="output transformer folder (must be new or empty)")
-    p.add_argument("--base", required=True, metavar="MODEL_DIR",
-                   help="the model trained from: pipeline folder or its transformer/ folder (config and shapes)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="output dtype (default fp32)")
-    p.add_argument("--max-shard-size", default="5GB", help="split the weights into files of at most this (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (atomically)")
-    pickles.add_unsafe_argument(p)
-    p.set_defaults(func=lambda args: convert(args.checkpoint, args.out, args.base, dtype=args.dtype,
-                                             max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                                             unsafe_pickle=args.unsafe_pickle))

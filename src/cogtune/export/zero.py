@@ -29,7 +29,7 @@ import torch
 from cogtune import pickles
 from cogtune.errors import CogtuneError
 from cogtune.export.shards import refuse_overlap
-from cogtune.export.to_diffusers import (add_convert_arguments, base_transformer, check_fits, name_prefix, refuse_lora,
+from cogtune.export.to_diffusers import (base_transformer, check_fits, name_prefix, refuse_lora,
                                          write_transformer)
 
 _OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -303,13 +303,3 @@ def _convert_zero(checkpoint_dir, out_dir, base_model_dir, dtype, max_shard_size
 
 # --- the command ----------------------------------------------------------------------------------------------------
 
-def register_cli(convert_subparsers) -> None:
-    """Add `zero` to the `cogtune convert` subcommands."""
-    p = convert_subparsers.add_parser(
-        "zero", help="DeepSpeed ZeRO-1/2/3 checkpoint -> diffusers transformer folder (fp32 master weights)",
-        description="Reconstruct the fp32 master weights of a DeepSpeed ZeRO-1/2/3 checkpoint, one rank at a time, "
-                    "and write them as a diffusers transformer folder (config.json + safetensors, sharded past "
-                    "--max-shard-size) that CogVideoXTransformer3DModel.from_pretrained and the pipelines load. "
-                    + TRUST_NOTE)
-    add_convert_arguments(p, "folder with 'latest' + the tag folder (DeepSpeed's global_stepN/, accelerate's "
-                             "checkpoint-N/ with pytorch_model/), or the tag folder itself", convert_zero)

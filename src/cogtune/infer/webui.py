@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CogtuneError, bounded, one_line, os_error_text
-from .cli import add_sampling_args
 from .generate import (LoraSpec, Settings, activate_adapters, build_pipeline, load_image, parse_loras,
                        resolve_settings, sample)
 
@@ -644,28 +643,3 @@ def make_server(host: str = "127.0.0.1", port: int = 7860, model: str | Path | N
         raise CogtuneError(f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port") from None
 
 
-def _cmd_ui(args) -> None:
-    options = dict(dtype=args.dtype, cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
-                   vae_slicing=args.vae_slicing)
-    server = make_server(args.host, args.port, args.model, args.lora, args.out_dir, options, verbose=args.debug)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {args.host}: anyone who can reach it can run jobs and read model folders",
-              file=sys.stderr)
-    print(f"cogtune ui at {server.url} (outputs in {Path(args.out_dir).resolve()}); Ctrl-C stops it", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopped")
-    finally:
-        server.server_close()
-
-
-def register_cli(subparsers) -> None:
-    """`cogtune ui`: the local web page."""
-    u = subparsers.add_parser("ui", help="a small local web page to generate and compare videos")
-    u.add_argument("--model", help="model folder to prefill")
-    add_sampling_args(u)
-    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    u.add_argument("--port", type=int, default=7860)
-    u.add_argument("--out-dir", default="cogtune_ui", help="where videos are written")
-    u.set_defaults(func=_cmd_ui)

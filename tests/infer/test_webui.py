@@ -98,10 +98,10 @@ def test_compare_job_and_image_upload(server, tiny_model, tmp_path):
 
     from PIL import Image
 
-    from test_generate_adapters import make_lora
+    from helpers.lora import lora_folder
 
     model = tiny_model("cogvideox-5b")
-    lora = make_lora(model, tmp_path / "lora", seed=1)
+    lora = lora_folder(model, tmp_path / "lora", seed=1)
     job = {"model": str(model), "prompt": "a red circle", "steps": "1", "loras": f"{lora}:0.8@mine", "compare": True}
     code, reply = post(server, job)
     assert code == 202, reply

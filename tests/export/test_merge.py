@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from cogtune.cli import build_parser
 import json
 
 import pytest
@@ -11,8 +11,9 @@ from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
 from cogtune.errors import CogtuneError
 from cogtune.export.lora_formats import read_lora, write_comfyui
-from cogtune.export.merge import merge_loras, register_cli
-from test_lora_formats import make_lora, run_transformer, transformer_inputs
+from cogtune.cli import build_parser
+from cogtune.export.merge import merge_loras
+from helpers.lora import make_lora, run_transformer, transformer_inputs
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,7 @@ def test_merged_transformer_equals_fused_pipeline(two_loras, tmp_path):
 
 def test_merge_pipeline_folder_via_cli(two_loras, tmp_path, capsys):
     model, a, b_comfy, inputs, fused = two_loras
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser("lora")
     args = parser.parse_args(["lora", "merge", "--model", str(model), "--lora", f"{a}:0.7", "--lora",
                               f"{b_comfy}:0.3", str(tmp_path / "pipe"), "--pipeline"])
     args.func(args)

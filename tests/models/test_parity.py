@@ -14,6 +14,7 @@ from PIL import Image
 
 from cogtune.models.cogvideox import CogVideoXSpec
 from cogtune.models.tiny import TINY_DEFAULTS
+from helpers.capture import pipeline_inputs
 
 VARIANTS = ["cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b", "cogvideox1.5-5b-i2v"]
 
@@ -25,20 +26,6 @@ def _sizes(variant):
         return [native]
     longer = d["frames"] + (8 if "1.5" not in variant else 16)
     return [native, (longer, 48, 32), (d["frames"], 64, 64)]
-
-
-def _capture(pipe, **call):
-    seen = {}
-
-    def hook(_module, args, kwargs):
-        seen.update(kwargs)
-
-    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        pipe(num_inference_steps=1, guidance_scale=1.0, output_type="latent", **call)
-    finally:
-        handle.remove()
-    return seen
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -61,7 +48,7 @@ def test_training_inputs_equal_pipeline_inputs(tiny_model, variant):
             enc = spec.encode_videos(video)  # [1, 1, 3, H, W]: the first frame is the conditioning image
             first = spec._sample(enc["image_mean"], enc["image_logvar"], [torch.Generator().manual_seed(7)])
             image_latents = spec.image_condition(first.permute(0, 2, 1, 3, 4), latent_frames)
-        seen = _capture(pipe, **call)
+        seen = pipeline_inputs(pipe, **call)
         ours = spec.transformer_inputs(latents, embeds, seen["timestep"].clone(), image_latents)
         where = f"{variant} at {frames}x{height}x{width}"
         torch.testing.assert_close(ours["hidden_states"], seen["hidden_states"], msg=where, atol=1e-6, rtol=1e-5)

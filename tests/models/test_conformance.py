@@ -67,9 +67,9 @@ def test_transformer_inputs_equal_the_pipelines(tiny_model, variant):
     spec = load_spec(tiny_model(variant))
     frames, height, width = _size(tiny_model(variant))
     embeds = _embeds(spec)
-    from test_parity import _capture  # a forward pre-hook on the transformer during a 1-step call
+    from helpers.capture import pipeline_inputs
 
-    seen = _capture(spec.pipe, **embeds, num_frames=frames, height=height, width=width,
+    seen = pipeline_inputs(spec.pipe, **embeds, num_frames=frames, height=height, width=width,
                     generator=torch.Generator().manual_seed(0))
     ours = spec.transformer_inputs(seen["hidden_states"], embeds["prompt_embeds"], seen["timestep"])
     for key, value in ours.items():

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from cogtune.train.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).parents[1] / "helpers"
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from cogtune.errors import CogtuneError
 from cogtune.plan import Switches, candidate_switches, plan_memory, step_cost
 from cogtune.plan.memory import GiB, TRAINING_PHASES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 D5B, L5B = 3072, 42  # CogVideoX-5B: 48 heads × 64, 42 blocks
 
 
@@ -209,21 +209,7 @@ def test_plan_reads_a_model_folder(tiny_model):
 def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     from cogtune import cli
 
-    commands = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)][0].choices
-    if "plan" not in commands:  # until `cogtune plan` is wired into cogtune.cli
-        from cogtune.plan.cli import register_cli
-
-        parser = argparse.ArgumentParser(prog="cogtune")
-        register_cli(parser.add_subparsers(dest="command", required=True))
-        args = parser.parse_args(argv)
-        try:
-            args.func(args)
-            code = 0
-        except CogtuneError as e:
-            print(f"cogtune: error: {e}", file=sys.stderr)
-            code = 2
-    else:
-        code = cli.main(argv)
+    code = cli.main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -363,11 +349,11 @@ def test_every_preset_combination_is_written_or_explained():
 
 
 def test_presets_are_what_the_planner_chooses_now(tmp_path):
-    from cogtune.plan.cli import write_presets
+    from cogtune.plan.presets import write_presets
 
     write_presets(tmp_path)
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.glob("*/*.yaml"))
     assert fresh == sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").glob("*/*.yaml"))
     for rel in fresh:
         assert (tmp_path / rel).read_text() == (ROOT / "configs" / rel).read_text(), \
-            f"configs/{rel} is stale: python -m cogtune.plan.cli --write-presets configs"
+            f"configs/{rel} is stale: python -m cogtune.plan.presets --write-presets configs"

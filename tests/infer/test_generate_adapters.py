@@ -13,32 +13,18 @@ from cogtune.infer.compare import compare_videos, strip_height
 from cogtune.infer.generate import (Settings, activate_adapters, build_pipeline, parse_loras, resolve_settings,
                                     sample)
 from cogtune.models.tiny import TINY_DEFAULTS
-from cogtune.train.lora import WEIGHT_NAME, add_lora, save_lora
+from cogtune.train.lora import WEIGHT_NAME
+from helpers.lora import lora_folder
 
 VARIANT = "cogvideox-5b"
 SIZE = TINY_DEFAULTS[VARIANT]
-
-
-def make_lora(model, out, seed: int, variant: str = VARIANT):
-    """A real LoRA: peft adapter on the tiny transformer, lora_B randomised (peft starts it at zero), alpha != rank."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    transformer = CogVideoXTransformer3DModel.from_pretrained(model / "transformer")
-    add_lora(transformer, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    save_lora(transformer, out, {"variant": variant})
-    return out
 
 
 @pytest.fixture(scope="module")
 def loras(tiny_model, tmp_path_factory):
     model = tiny_model(VARIANT)
     root = tmp_path_factory.mktemp("loras")
-    return make_lora(model, root / "a", seed=1), make_lora(model, root / "b", seed=2)
+    return lora_folder(model, root / "a", seed=1), lora_folder(model, root / "b", seed=2)
 
 
 def transformer_output(pipe) -> torch.Tensor:

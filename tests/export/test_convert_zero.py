@@ -7,7 +7,7 @@ official CogVideoX trainer's `checkpoint-N/` layout) and saves the fp32 master w
 
 from __future__ import annotations
 
-import argparse
+from cogtune.cli import build_parser
 import json
 import os
 import shutil
@@ -26,11 +26,11 @@ from safetensors.torch import load_file
 from cogtune.errors import CogtuneError
 from cogtune.export.shards import TensorSpec
 from cogtune.export.to_diffusers import name_prefix as _name_prefix
-from cogtune.export.zero import convert_zero, load_checkpoint_file, locate_tag_folder, register_cli
+from cogtune.export.zero import convert_zero, load_checkpoint_file, locate_tag_folder
 
 slow_multiproc = [pytest.mark.slow, pytest.mark.multiproc]
 
-HELPER = Path(__file__).parent / "helpers" / "zero_train.py"
+HELPER = Path(__file__).parents[1] / "helpers" / "zero_train.py"
 CASES = {  # name: (ZeRO stage, mixed precision, variant)
     "zero2-bf16": (2, "bf16", "cogvideox-5b"),
     "zero3-bf16-i2v": (3, "bf16", "cogvideox-5b-i2v"),  # its learned positional table is a persistent buffer
@@ -120,8 +120,7 @@ def test_layouts_dtype_and_cli(zero_checkpoint, tmp_path):
     assert all(torch.equal(got_a[k], ref[k]) for k in ref)
     assert all(got_b[k].dtype == torch.bfloat16 and torch.equal(got_b[k], ref[k].bfloat16()) for k in ref)
 
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers().add_parser("convert").add_subparsers(dest="convert_command"))
+    parser = build_parser("convert")
     args = parser.parse_args(["convert", "zero", str(ckpt), str(tmp_path / "c"), "--base", str(pipeline_dir),
                               "--dtype", "fp16", "--max-shard-size", "30KB"])
     args.func(args)

@@ -5,22 +5,20 @@ Also holds the small helpers the other export tests use (`make_lora`, `transform
 
 from __future__ import annotations
 
-import argparse
+from cogtune.cli import build_parser
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
-from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cogtune.errors import CogtuneError
+from helpers.lora import make_lora, run_transformer, transformer_inputs
 from cogtune.export.lora_formats import (
-    WEIGHT_NAME, load_lora_any, load_lora_into_pipeline, read_lora, register_cli, write_comfyui, write_diffusers,
+    WEIGHT_NAME, load_lora_any, load_lora_into_pipeline, read_lora, write_comfyui, write_diffusers,
 )
-from cogtune.train.lora import save_lora
 
 # ComfyUI core's native CogVideoX (comfy/ldm/cogvideo/model.py) names, written out here independently of the code
 # under test: diffusers module -> ComfyUI module.
@@ -38,42 +36,6 @@ WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
 def native_name(module: str) -> str:
     m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module)
     return f"blocks.{m.group(1)}.{NATIVE_BLOCK[m.group(2)]}" if m else NATIVE_TOP[module]
-
-
-def make_lora(model: Path, out: Path, rank: int = 4, alpha: float = 2, targets=("to_q", "to_k", "to_v", "to_out.0"),
-              alpha_pattern: dict | None = None, seed: int = 1, variant: str = "cogvideox-5b"):
-    """A peft LoRA on the model's transformer with random (non-zero) A and B, saved by cogtune's save_lora.
-
-    Returns (file, transformer with the adapter active) — the transformer is the reference output.
-    """
-    transformer = CogVideoXTransformer3DModel.from_pretrained(str(model / "transformer"))
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), alpha_pattern=alpha_pattern or {},
-                     init_lora_weights=True)
-    transformer.add_adapter(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    path = save_lora(transformer, out, {"variant": variant, "base_model": str(model)})
-    return path, transformer.eval()
-
-
-def transformer_inputs(config, seed: int = 0) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    frames = 2 * (config.patch_size_t or 1)
-    hidden = torch.randn(1, frames, config.in_channels, config.sample_height, config.sample_width, generator=gen)
-    text = torch.randn(1, config.max_text_seq_length, config.text_embed_dim, generator=gen)  # positions cover 226
-    inputs = {"hidden_states": hidden, "encoder_hidden_states": text,
-              "timestep": torch.tensor([500])}
-    if config.ofs_embed_dim:
-        inputs["ofs"] = torch.tensor([2.0])
-    return inputs
-
-
-def run_transformer(transformer, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return transformer(**inputs, return_dict=False)[0]
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +125,7 @@ def test_comfyui_lora_loads_like_the_diffusers_one(wide_lora, tmp_path):
 
 def test_cli_convert_both_ways(wide_lora, tmp_path, capsys):
     _, path, _ = wide_lora
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser("lora")
     for argv in (["lora", "convert", str(path.parent), str(tmp_path / "c.safetensors"), "--to", "comfyui"],
                  ["lora", "convert", str(tmp_path / "c.safetensors"), str(tmp_path / "d"), "--to", "diffusers"]):
         args = parser.parse_args(argv)
@@ -196,8 +157,7 @@ def test_foreign_comfyui_lora_without_metadata(wide_lora, tmp_path):
 
 def test_cli_convert_never_clobbers_silently(wide_lora, tmp_path):
     _, path, _ = wide_lora
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser("lora")
 
     def convert(*argv):
         args = parser.parse_args(["lora", "convert", *map(str, argv)])

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from cogtune.data.check import check_dataset, keyword, register_cli, run_check
+from cogtune.cli import build_parser
+from cogtune.data.check import check_dataset, keyword, run_check
 from cogtune.data.video import write_mp4
 
 H, W = 48, 64
@@ -141,10 +142,7 @@ def test_policy_decode_and_upscale(dataset: Path) -> None:
 
 
 def cli(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cogtune")
-    data = parser.add_subparsers(dest="command").add_parser("data").add_subparsers(dest="data_command")
-    register_cli(data)
-    return parser.parse_args(["data", "check", *argv])
+    return build_parser("data").parse_args(["data", "check", *argv])
 
 
 def test_cli_table_json_and_exit_codes(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

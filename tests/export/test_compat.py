@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from cogtune.errors import CogtuneError
 from cogtune.export.lora_formats import read_lora, write_comfyui
 from cogtune.export.lora_compat import check_lora_compat
-from test_lora_formats import make_lora
+from helpers.lora import make_lora
 
 
 @pytest.fixture(scope="module")

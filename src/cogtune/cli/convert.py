@@ -1,0 +1,81 @@
+"""`cogtune convert sat|zero|fsdp`: foreign checkpoints to diffusers."""
+
+from __future__ import annotations
+
+HELP = "convert foreign checkpoints to diffusers"
+
+
+def _sat(args) -> None:
+    from ..export.sat import convert_sat
+
+    path = convert_sat(args.ckpt, args.out, args.variant, alpha=args.alpha, config=args.config, dtype=args.dtype,
+                       max_shard_size=args.max_shard_size, overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle)
+    print(f"wrote {path}")
+
+
+def add_sat(convert) -> None:
+    from ..export.sat import SAT_FILE
+    from ..models import family
+    from .common import add_unsafe
+
+    variants = family("cogvideox").VARIANTS  # SAT is CogVideoX's own training format
+    p = convert.add_parser("sat", help="SAT checkpoint or LoRA (or an alpha-less official-trainer LoRA) -> diffusers")
+    p.add_argument("ckpt", metavar="CKPT", help=f"{SAT_FILE}, a SAT save folder, or an official-trainer LoRA")
+    p.add_argument("out", metavar="OUT", help="transformer folder (full checkpoint) or LoRA folder/.safetensors")
+    p.add_argument("--variant", required=True, choices=sorted(variants))
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: SAT 1; official finetune trainer 64)")
+    p.add_argument("--config", help="transformer config.json (or model folder) to use instead of the published one")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT folder or an existing LoRA file")
+    add_unsafe(p)
+    p.set_defaults(func=_sat)
+
+
+def _full_model(p, checkpoint_help: str, convert) -> None:
+    """The arguments every conversion of a full fine-tune takes, and the command that calls `convert`."""
+    from .common import add_unsafe
+
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help=checkpoint_help)
+    p.add_argument("out", metavar="OUT", help="output transformer folder (must be new or empty)")
+    p.add_argument("--base", required=True, metavar="MODEL_DIR",
+                   help="the model trained from: pipeline folder or its transformer/ folder (config and shapes)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="output dtype (default fp32)")
+    p.add_argument("--max-shard-size", default="5GB", help="split the weights into files of at most this (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (atomically)")
+    add_unsafe(p)
+    p.set_defaults(func=lambda args: convert(args.checkpoint, args.out, args.base, dtype=args.dtype,
+                                             max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                             unsafe_pickle=args.unsafe_pickle))
+
+
+def add_zero(convert) -> None:
+    from ..export.zero import TRUST_NOTE, convert_zero
+
+    p = convert.add_parser(
+        "zero", help="DeepSpeed ZeRO-1/2/3 checkpoint -> diffusers transformer folder (fp32 master weights)",
+        description="Reconstruct the fp32 master weights of a DeepSpeed ZeRO-1/2/3 checkpoint, one rank at a time, "
+                    "and write them as a diffusers transformer folder (config.json + safetensors, sharded past "
+                    "--max-shard-size) that the model's transformer class and the pipelines load. " + TRUST_NOTE)
+    _full_model(p, "folder with 'latest' + the tag folder (DeepSpeed's global_stepN/, accelerate's checkpoint-N/ "
+                   "with pytorch_model/), or the tag folder itself", convert_zero)
+
+
+def add_fsdp(convert) -> None:
+    from ..export.fsdp import convert_fsdp
+
+    p = convert.add_parser(
+        "fsdp", help="FSDP2 checkpoint (checkpoint-N/sharded/) -> diffusers transformer folder",
+        description="Gather the weights of a cogtune FSDP2 full fine-tune checkpoint, one tensor at a time and "
+                    "without a process group, and write them as a diffusers transformer folder (config.json + "
+                    "safetensors, sharded past --max-shard-size).")
+    _full_model(p, "a checkpoint-N folder of an fsdp2 run (or its sharded/)", convert_fsdp)
+
+
+def register(sub) -> None:
+    from .common import group
+
+    convert = group(sub, "convert", HELP)
+    add_sat(convert)
+    add_zero(convert)
+    add_fsdp(convert)

@@ -1,0 +1,1 @@
+"""Code several test modules share (the scripts here run as subprocesses)."""
