@@ -34,6 +34,27 @@ def synth_data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def zero_checkpoint(tiny_model, tmp_path_factory):
+    """zero_checkpoint(case) -> (checkpoint-2 folder, reference fp32 weights, tiny pipeline folder) of a real
+    DeepSpeed run on 2 CPU ranks (cases: tests/helpers/zero.py), one run each per session. Read-only: copy to damage."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    from helpers.zero import CASES, run_zero
+
+    made: dict = {}
+
+    def get(case: str):
+        if case not in made:
+            model = tiny_model(CASES[case][2])
+            ckpt, ref = run_zero(case, model, tmp_path_factory.mktemp(case))
+            made[case] = (ckpt, load_file(str(ref)), model)
+        return made[case]
+
+    return get
+
+
 def tiny_train_config(model, data, out, **overrides):
     """A TrainConfig for the tiny model, sized like the quickstart; keyword args override dotted keys (a__b → a.b)."""
     from cogtune.config import load_config

@@ -6,6 +6,7 @@ and what would be right. Checks that need the model (frames allowed by the varia
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -95,9 +96,10 @@ class BucketConfig(_Section):
 
 class DataConfig(_Section):
     root: Path  # official layout folder, a metadata.csv/.jsonl table (or its folder), or videos with .txt captions
-    frames: int = Field(49, ge=1, le=1025)
-    height: int = Field(480, ge=16, le=8192)
-    width: int = Field(720, ge=16, le=8192)
+    # None: the model's native shape (the run summary says which it took)
+    frames: int | None = Field(None, ge=1, le=1025)
+    height: int | None = Field(None, ge=16, le=8192)
+    width: int | None = Field(None, ge=16, le=8192)
     # uniform: spread over the clip; head: the first frames; random: a random window; fps: resample to target_fps,
     # then take a window (centred, or random with window: random)
     sampling: Literal["uniform", "head", "random", "fps"] = "uniform"
@@ -113,11 +115,17 @@ class DataConfig(_Section):
     # cached latents and text embeddings kept in RAM after their first read, up to this many GiB per process
     # (0: read from disk at every step; reads happen on a prefetch thread either way)
     ram_cache_gb: float = Field(2.0, ge=0)
+    # a word put in every caption: where it writes [trigger], else in front ("sks, a dog runs"); recorded in the
+    # LoRA's metadata and model card, so users know what to prompt
+    trigger: str | None = Field(None, min_length=1, max_length=200)
+    # share of training samples shown with the empty caption instead of their own (encoded once), so the model
+    # keeps a prompt-free prediction for classifier-free guidance; drawn per sample and step from the seed
+    caption_dropout: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("height", "width")
     @classmethod
-    def _multiple_of_16(cls, v: int) -> int:
-        if v % 16:
+    def _multiple_of_16(cls, v: int | None) -> int | None:
+        if v is not None and v % 16:
             raise ValueError(f"must be a multiple of 16 (VAE ×8 and patch ×2), got {v}")
         return v
 
@@ -230,7 +238,11 @@ def switch_conflicts(*, lora: bool, checkpointing: bool, activation_offload: boo
 class ValidationConfig(_Section):
     every_steps: int = Field(0, ge=0)  # 0 = only before and after training
     heldout_loss: bool = True  # loss on fixed clips, latents, noise and timesteps: before, every_steps, at the end
-    heldout_clips: int = Field(2, ge=1)
+    # clips set aside from the dataset and never trained on: a count (2) or a share (0.1). Their loss is logged as
+    # heldout_loss. 0: none set aside; the same loss is then taken on training clips and logged as train_fixed_loss
+    holdout: float = Field(0, ge=0)
+    # at most this many clips in that loss (None: every held-out clip; 2 training clips without a holdout)
+    heldout_clips: int | None = Field(None, ge=1)
     prompts: list[str] = []  # videos generated with the current weights every_steps and at the end
     images: list[Path] = []  # I2V: one conditioning image per prompt
     inference_steps: int = Field(25, ge=1, le=1000)  # the schedulers have 1000 training timesteps
@@ -241,11 +253,30 @@ class ValidationConfig(_Section):
     width: int | None = Field(None, ge=16, le=8192)
 
 
+    @field_validator("holdout")
+    @classmethod
+    def _count_or_share(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError(f"a count of clips (2) or a share below 1 (0.1), got {v}")
+        return v
+
+
 class DistributedConfig(_Section):
     # auto: ddp when several processes, nothing when one. zero*: DeepSpeed (config generated from this file;
     # deepspeed_config: a JSON whose keys override the generated ones). fsdp2: torch FSDP2 through accelerate.
     strategy: Literal[tuple(STRATEGIES)] = "auto"
     deepspeed_config: Path | None = None
+
+
+class EMAConfig(_Section):
+    # an exponential moving average of the trained weights (LoRA adapters or the whole model), kept in fp32:
+    # ema = decay * ema + (1 - decay) * weights, from start_step on (where it starts as the weights), every `every`
+    # steps. Saved in checkpoints, exported beside the plain weights (lora_ema/, transformer_ema/)
+    decay: float | None = Field(None, gt=0, lt=1)  # None: off; 0.999 is usual for thousands of steps
+    start_step: int = Field(0, ge=0)
+    every: int = Field(1, ge=1)
+    on_host: bool = False  # keep the average in host RAM instead of on the accelerator
+    validate: bool = False  # validation videos and the fixed-point loss with the averaged weights
 
 
 class CheckpointConfig(_Section):
@@ -265,6 +296,7 @@ class TrainConfig(_Section):
     lr_scheduler: SchedulerConfig = SchedulerConfig()
     loss: LossConfig = LossConfig()
     validation: ValidationConfig = ValidationConfig()
+    ema: EMAConfig = EMAConfig()
     max_steps: int = Field(1000, ge=1, le=10**9)
     output_dir: Path = Path("runs/cogtune")
     seed: Seed = 42
@@ -282,6 +314,17 @@ class TrainConfig(_Section):
     resume: str | None = None  # latest (error if none), auto (latest or fresh), or a checkpoint-N path
     overwrite: bool = False  # a fresh run into an output_dir that holds a previous one deletes that run's files first
     on_nonfinite: Literal["stop", "skip_step"] = "stop"
+
+
+def fill_native_shape(cfg: TrainConfig, facts) -> list[str]:
+    """Set data.frames/height/width left unset to the model's native shape (`facts`: its ModelFacts), in place;
+    returns the keys filled."""
+    filled = []
+    for key in ("frames", "height", "width"):
+        if getattr(cfg.data, key) is None:
+            setattr(cfg.data, key, getattr(facts, f"native_{key}"))
+            filled.append(f"data.{key}")
+    return filled
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -343,13 +386,52 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _one_line(err: ValidationError, source: str) -> str:
+def config_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every settable key, dotted (`optimizer.lr`, `data.buckets.enabled`, ...)."""
+    model = model or TrainConfig
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += config_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def did_you_mean(key: str) -> list[str]:
+    """Keys close to an unknown one: the same last word elsewhere (`lr` → `optimizer.lr`), else close spellings."""
+    keys = config_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return same_leaf[:3]
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.75)
+    if close:
+        return close
+    leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+    return [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=2, cutoff=0.8)]
+
+
+RECORDED_ONLY = {"world_size": "world_size is what earlier cogtune runs recorded in config.yaml, not a setting: delete that line "
+                               "(processes are set with --nproc N or torchrun)"}
+
+
+def _one_line(err: ValidationError, source: str, overrides: dict[str, str]) -> str:
     first = err.errors()[0]
     loc = tuple(first["loc"])
-    key = bounded(".".join(str(p) for p in loc) or "(top level)")
+    dotted = ".".join(str(p) for p in loc)
+    given = next((pair for key, pair in overrides.items() if dotted == key or dotted.startswith(key + ".")), None)
+    if given is not None:  # the mistake is on the command line, not in the file
+        source = f"override {bounded(given)}"
+    key = bounded(dotted or "(top level)")
     if first["type"] == "extra_forbidden":
-        valid = ", ".join(_field_names(TrainConfig, loc))
-        return f"{source}: unknown key {key!r} (valid here: {valid})"
+        if dotted in RECORDED_ONLY:
+            return f"{source}: {RECORDED_ONLY[dotted]}"
+        near = did_you_mean(dotted)
+        hint = f"did you mean {' or '.join(near)}?" if near else \
+            f"valid here: {', '.join(_field_names(TrainConfig, loc))}."
+        return f"{source}: unknown key {key!r}: {hint} (`cogtune train --help-keys` lists every key)"
     if first["type"] == "missing":
         return f"{source}: missing required key {key!r}"
     got = first.get("input")
@@ -383,11 +465,13 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         if bad:
             raise CogtuneError(f"{source}: key {bounded(bad[0])} is not a name; keys are words like max_steps")
         tree.update(loaded)
-    for key, value in parse_overrides(list(overrides)):
+    given = {}
+    for pair, (key, value) in zip(overrides, parse_overrides(list(overrides))):
         _set_dotted(tree, key, value)
+        given[key] = pair
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as e:
-        raise CogtuneError(_one_line(e, source)) from None
+        raise CogtuneError(_one_line(e, source, given)) from None
     except RecursionError:
         raise CogtuneError(f"{source}: values nested too deeply") from None

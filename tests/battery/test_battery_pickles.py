@@ -15,10 +15,7 @@ import os
 import pickle
 import random
 import shutil
-import socket
 import struct
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -29,10 +26,9 @@ import yaml
 from diffusers import CogVideoXTransformer3DModel
 from safetensors.torch import load_file
 
-from harness import ENV, assert_intact, assert_no_temp, assert_refused, cli, snapshot
+from harness import assert_intact, assert_no_temp, assert_refused, cli, snapshot
 from helpers.sat import to_sat
 
-HELPER = Path(__file__).parent.parent / "helpers" / "zero_train.py"
 PAYLOADS = ("os.system", "posix.system", "builtins.exec")
 
 
@@ -108,30 +104,16 @@ DAMAGES = {
 
 # --- real checkpoints (one run each for the module) ---------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model(tiny_model):
     return tiny_model("cogvideox-5b")
 
 
 @pytest.fixture(scope="module")
-def zero(model, tmp_path_factory):
+def zero(zero_checkpoint):
     """(checkpoint-2 of a real ZeRO-2 bf16 run on 2 ranks, DeepSpeed's own fp32 master weights)."""
-    pytest.importorskip("deepspeed")
-    root = tmp_path_factory.mktemp("zero")
-    ckpt, ref = root / "run" / "checkpoint-2", root / "reference.safetensors"
-    env = {**ENV, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(free_port()), str(HELPER), "--model", str(model),
-                           "--out", str(ckpt), "--ref", str(ref), "--stage", "2", "--precision", "bf16"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return ckpt, load_file(ref)
+    ckpt, ref, _ = zero_checkpoint("zero2-bf16")
+    return ckpt, ref
 
 
 @pytest.fixture(scope="module")

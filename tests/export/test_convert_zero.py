@@ -7,13 +7,8 @@ official CogVideoX trainer's `checkpoint-N/` layout) and saves the fp32 master w
 
 from __future__ import annotations
 
-from cogtune.cli import build_parser
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import diffusers
@@ -23,6 +18,7 @@ from diffusers import CogVideoXTransformer3DModel
 from PIL import Image
 from safetensors.torch import load_file
 
+from cogtune.cli import build_parser
 from cogtune.errors import CogtuneError
 from cogtune.export.shards import TensorSpec
 from cogtune.export.to_diffusers import name_prefix as _name_prefix
@@ -30,41 +26,7 @@ from cogtune.export.zero import convert_zero, load_checkpoint_file, locate_tag_f
 
 slow_multiproc = [pytest.mark.slow, pytest.mark.multiproc]
 
-HELPER = Path(__file__).parents[1] / "helpers" / "zero_train.py"
-CASES = {  # name: (ZeRO stage, mixed precision, variant)
-    "zero2-bf16": (2, "bf16", "cogvideox-5b"),
-    "zero3-bf16-i2v": (3, "bf16", "cogvideox-5b-i2v"),  # its learned positional table is a persistent buffer
-    "zero1-fp32": (1, "no", "cogvideox-5b"),
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def zero_checkpoint(tiny_model, tmp_path_factory):
-    """zero_checkpoint(case) -> (checkpoint-2 folder, reference fp32 weights, tiny pipeline folder), one run each."""
-    pytest.importorskip("deepspeed")
-    made: dict[str, tuple[Path, dict[str, torch.Tensor], Path]] = {}
-
-    def get(case: str):
-        if case not in made:
-            stage, precision, variant = CASES[case]
-            root = tmp_path_factory.mktemp(case)
-            ckpt, ref = root / "run" / "checkpoint-2", root / "reference.safetensors"
-            env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                   "--master_port", str(free_port()), str(HELPER), "--model", str(tiny_model(variant)),
-                   "--out", str(ckpt), "--ref", str(ref), "--stage", str(stage), "--precision", precision]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-            made[case] = (ckpt, load_file(ref), tiny_model(variant))
-        return made[case]
-
-    return get
+from helpers.zero import CASES
 
 
 def generate(pipeline_dir: Path, transformer) -> torch.Tensor:

@@ -5,7 +5,6 @@ Also holds the small helpers the other export tests use (`make_lora`, `transform
 
 from __future__ import annotations
 
-from cogtune.cli import build_parser
 import re
 
 import pytest
@@ -14,6 +13,7 @@ from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from cogtune.cli import build_parser
 from cogtune.errors import CogtuneError
 from helpers.lora import make_lora, run_transformer, transformer_inputs
 from cogtune.export.lora_formats import (

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from cogtune.cli import build_parser
 import json
 
 import pytest
 import torch
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
+from cogtune.cli import build_parser
 from cogtune.errors import CogtuneError
 from cogtune.export.lora_formats import read_lora, write_comfyui
 from cogtune.cli import build_parser

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from cogtune.errors import CogtuneError
+from cogtune.export.lora_formats import read_lora
 from cogtune.cli import build_parser
 from helpers.lora import make_lora, run_transformer, transformer_inputs
 from helpers.sat import P, to_sat
@@ -64,13 +65,63 @@ def test_full_checkpoint_converts_back_exactly(tiny_model, tmp_path, variant):
 
 
 def test_wrong_variant_is_one_line(tiny_model, tmp_path):
-    model = tiny_model("cogvideox1.5-5b-i2v")
-    sd = CogVideoXTransformer3DModel.from_pretrained(str(model / "transformer")).state_dict()
-    ckpt = save_sat(to_sat(sd, 2, True), tmp_path / "sat")
-    with pytest.raises(CogtuneError, match="patch embedding is Linear .* does not fit --variant cogvideox-5b"):
-        cli([ckpt, tmp_path / "out", "--variant", "cogvideox-5b"])
-    with pytest.raises(CogtuneError, match="looks like cogvideox1.5-5b-i2v .* pass --variant cogvideox1.5-5b-i2v"):
-        cli([ckpt, tmp_path / "out", "--variant", "cogvideox1.5-5b"])
+    """The checkpoint's own keys decide: 1.5's Linear patch embedding, I2V's doubled input channels, and between 2B
+    and 5B the position encoding (2B's sin-cos pos_embedding table, 5B's rotary freqs_sin/freqs_cos)."""
+    checkpoints = {}
+    for variant in ("cogvideox1.5-5b-i2v", "cogvideox-2b", "cogvideox-5b"):
+        model = tiny_model(variant)
+        t = CogVideoXTransformer3DModel.from_pretrained(str(model / "transformer"))
+        checkpoints[variant] = save_sat(to_sat(t.state_dict(), t.config.num_layers,
+                                               t.config.use_rotary_positional_embeddings), tmp_path / variant)
+    for variant, wrong in (("cogvideox1.5-5b-i2v", "cogvideox-5b"), ("cogvideox1.5-5b-i2v", "cogvideox1.5-5b"),
+                           ("cogvideox-2b", "cogvideox-5b"), ("cogvideox-5b", "cogvideox-2b")):
+        with pytest.raises(CogtuneError, match=f"is {variant} by its own keys, not --variant {wrong}: pass "
+                                               f"--variant {variant}"):
+            cli([checkpoints[variant], tmp_path / "out", "--variant", wrong])
+        assert not (tmp_path / "out").exists()
+    model = tiny_model("cogvideox-2b")  # without --variant the keys decide
+    cli([checkpoints["cogvideox-2b"], tmp_path / "auto", "--config", model / "transformer"])
+    converted = CogVideoXTransformer3DModel.from_pretrained(str(tmp_path / "auto"))
+    assert not converted.config.use_rotary_positional_embeddings and converted.config.in_channels == 16
+
+
+def sat_export_lora(out, rank=4, seed=5):
+    """What tools/export_sat_lora_weight.py writes for CogVideoX-2B: its 30 blocks' attention projections under
+    diffusers names, saved by diffusers' write_lora_layers (no alpha); SAT trained them at lora_alpha 1."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for block in range(30):
+        for name in ("to_q", "to_k", "to_v", "to_out.0"):
+            key = f"transformer.transformer_blocks.{block}.attn1.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, 8, generator=gen)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(8, rank, generator=gen)
+    out.mkdir()
+    save_file(tensors, str(out / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+    return out / "pytorch_lora_weights.safetensors", tensors
+
+
+def test_an_alpha_less_2b_lora_says_where_it_came_from(tmp_path, capsys):
+    src, tensors = sat_export_lora(tmp_path / "export")
+    with pytest.raises(CogtuneError, match="--source finetune or --source sat-export"):
+        cli([src, tmp_path / "a", "--variant", "cogvideox-2b"])
+    cli([src, tmp_path / "sat", "--variant", "cogvideox-2b", "--source", "sat-export"])
+    assert "SAT LoRA exported by tools/export_sat_lora_weight.py" in capsys.readouterr().out
+    lora = read_lora(tmp_path / "sat")
+    for module in lora.modules[:8]:  # SAT's LoraMixin: W + (lora_alpha / r) B A with lora_alpha 1
+        a, b = tensors[f"transformer.{module}.lora_A.weight"], tensors[f"transformer.{module}.lora_B.weight"]
+        got = lora.alphas[module] / lora.rank(module) * (lora.state_dict[f"transformer.{module}.lora_B.weight"]
+                                                         @ lora.state_dict[f"transformer.{module}.lora_A.weight"])
+        torch.testing.assert_close(got, (b @ a) / 4, rtol=1e-6, atol=1e-6)
+    cli([src, tmp_path / "ft", "--variant", "cogvideox-2b", "--source", "finetune"])
+    assert read_lora(tmp_path / "ft").lora_config["lora_alpha"] == 64
+
+
+def test_a_lora_needs_its_variant_named(tiny_model, tmp_path):
+    src, _ = official_trainer_lora(tiny_model("cogvideox-5b"), tmp_path / "official")
+    with pytest.raises(CogtuneError, match="does not say which variant it belongs to: pass --variant"):
+        cli([src, tmp_path / "out"])
 
 
 def test_pickled_objects_need_consent(tiny_model, tmp_path):
@@ -139,7 +190,8 @@ def test_official_trainer_lora_gets_its_alpha(tiny_model, tmp_path, capsys, flag
     with safe_open(str(src), "pt") as f:
         assert "lora_adapter_metadata" not in (f.metadata() or {})
     cli([src.parent, tmp_path / "fixed", "--variant", "cogvideox-5b", *flag])
-    assert ("assuming that trainer's default lora_alpha=64 with rank 128 (scale 0.5)" in capsys.readouterr().out) \
+    assert ("(CogVideo finetune trainer output): assuming lora_alpha=64 with rank 128 (scale 0.5)"
+            in capsys.readouterr().out) \
         == (not flag)
 
     pipe = CogVideoXPipeline.from_pretrained(str(model))

@@ -52,6 +52,7 @@ def test_the_lora_generates_and_merges(trained):
 
 def test_what_wan_cannot_do_yet_is_one_line(trained):
     lora = trained / "run" / "lora"
+    assert sorted(p.name for p in lora.iterdir()) == ["README.md", "pytorch_lora_weights.safetensors"]  # no ComfyUI copy
     r = cogtune("lora", "convert", lora, trained / "comfy", "--to", "comfyui")
     assert r.returncode == 2 and "ComfyUI" in r.stderr and "Traceback" not in r.stderr
     assert not (trained / "comfy").exists()

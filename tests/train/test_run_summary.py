@@ -57,3 +57,45 @@ def test_memory_forecast_warns_before_a_run_that_will_not_fit(tiny_model, synth_
     assert fits and f"predicted peak {peak / GiB:.1f} GiB" in line and "80.0 GiB" in line
     line, fits = memory_forecast(cfg, 1, int(peak * 0.9))  # a GPU smaller than the peak
     assert not fits and "run out of memory" in line and "cogtune plan" in line
+
+
+def test_unset_frames_and_size_are_the_variants_native(tiny_model, synth_data, tmp_path, capsys):
+    """No data.frames/height/width: the model's native shape (a tiny model's is its own small one), said in the
+    summary, recorded in config.yaml, and the same run as one that names that shape."""
+    import yaml
+
+    from cogtune.models import resolve_variant
+
+    model = tiny_model("cogvideox1.5-5b")
+    native = resolve_variant(model)
+    cfg = tiny_train_config(model, synth_data, tmp_path / "run", max_steps=2)
+    tree = cfg.model_dump(mode="json")
+    for key in ("frames", "height", "width"):
+        del tree["data"][key]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    text = capsys.readouterr().out
+    shape = f"{native.native_frames}×{native.native_height}×{native.native_width}"
+    assert f"{shape}: " in text and "native frames/height/width: data.frames, data.height, data.width not set" in text
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]
+    assert (saved["frames"], saved["height"], saved["width"]) == (native.native_frames, native.native_height,
+                                                                  native.native_width)
+    named = tmp_path / "named.yaml"
+    named.write_text(yaml.safe_dump(tree | {"data": {**tree["data"], **{k: saved[k] for k in ("frames", "height",
+                                                                                               "width")}},
+                                            "output_dir": str(tmp_path / "named")}))
+    assert main(["train", str(named)]) == 0
+    a, b = (load_file(str(tmp_path / d / "lora" / "pytorch_lora_weights.safetensors")) for d in ("run", "named"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # same code path and seed: identical
+
+
+def test_the_planner_prices_the_native_shape_of_an_unset_config():
+    from cogtune.config import load_config
+    from cogtune.plan.memory import plan_memory
+
+    base = {"model": {"path": "/nonexistent", "variant": "cogvideox1.5-5b"}, "data": {"root": "/d"}}
+    unset = plan_memory(load_config(None, base=base))
+    named = plan_memory(load_config(None, ["data.frames=81", "data.height=768", "data.width=1360"], base=base))
+    assert unset.tokens == named.tokens and unset.total == named.total
+    assert unset.tokens != plan_memory(load_config(None, ["data.frames=49", "data.height=480", "data.width=720"],
+                                                   base=base)).tokens

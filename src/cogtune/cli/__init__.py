@@ -23,6 +23,28 @@ class Parser(argparse.ArgumentParser):
 COMMANDS = ("tiny", "data", "train", "plan", "lora", "convert", "generate", "ui")  # each is a module here
 
 
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())  # argparse's own version action re-wraps the line
+        parser.exit(0)
+
+
+def version_line() -> str:
+    """cogtune's version and those of the libraries that decide its outputs (read without importing them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libs = ", ".join(f"{n} {of(n)}" for n in ("torch", "diffusers", "transformers", "peft", "accelerate"))
+    return f"cogtune {__version__} ({libs}; python {sys.version.split()[0]})"
+
+
 def _command_of(argv: list[str]) -> str | None:
     """The top-level command named on the command line (the first word that is not an option)."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -33,6 +55,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     module is imported only when it runs, so `cogtune --help` and a refused config cost no torch import)."""
     p = Parser(prog="cogtune", description="Fine-tune video diffusion models; outputs load in stock diffusers.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action=_Version, nargs=0, help="show the versions of cogtune and its libraries")
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         module = importlib.import_module(f"{__name__}.{name}")  # each module's top imports only the stdlib

@@ -9,20 +9,25 @@ def _sat(args) -> None:
     from ..export.sat import convert_sat
 
     path = convert_sat(args.ckpt, args.out, args.variant, alpha=args.alpha, config=args.config, dtype=args.dtype,
-                       max_shard_size=args.max_shard_size, overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle)
+                       max_shard_size=args.max_shard_size, overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle,
+                       source=args.source)
     print(f"wrote {path}")
 
 
 def add_sat(convert) -> None:
-    from ..export.sat import SAT_FILE
+    from ..export.sat import SAT_FAMILY, SAT_FILE, SOURCES
     from ..models import family
     from .common import add_unsafe
 
-    variants = family("cogvideox").VARIANTS  # SAT is CogVideoX's own training format
+    variants = family(SAT_FAMILY).VARIANTS
     p = convert.add_parser("sat", help="SAT checkpoint or LoRA (or an alpha-less official-trainer LoRA) -> diffusers")
     p.add_argument("ckpt", metavar="CKPT", help=f"{SAT_FILE}, a SAT save folder, or an official-trainer LoRA")
     p.add_argument("out", metavar="OUT", help="transformer folder (full checkpoint) or LoRA folder/.safetensors")
-    p.add_argument("--variant", required=True, choices=sorted(variants))
+    p.add_argument("--variant", choices=sorted(variants),
+                   help="the model it was trained on (a full checkpoint's own keys are checked against it, or decide "
+                        "without it; LoRAs need it)")
+    p.add_argument("--source", choices=SOURCES, help="an alpha-less diffusers LoRA: from CogVideo's finetune trainer "
+                                                      "or from tools/export_sat_lora_weight.py")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: SAT 1; official finetune trainer 64)")
     p.add_argument("--config", help="transformer config.json (or model folder) to use instead of the published one")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the checkpoint's)")

@@ -17,7 +17,7 @@ def _synth(args) -> None:
 
 
 def _cache(args) -> None:
-    from ..config import load_config
+    from ..config import fill_native_shape, load_config
     from ..models import load_spec
     from ..train.distributed import make_accelerator
     from ..train.encode import cache_root, prepare_data
@@ -27,6 +27,7 @@ def _cache(args) -> None:
     accelerator = make_accelerator(cfg)  # under torchrun each rank encodes its own share
     enc = encoder_dtype(cfg, accelerator.device)
     spec = load_spec(cfg.model.path, cfg.model.variant, {"text_encoder": enc, "vae": enc, "transformer": enc})
+    fill_native_shape(cfg, spec.facts)  # as training does, so that training finds this cache
     spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
     spec.encoders_to(accelerator.device, enc, stream_text=cfg.memory.stream_text_encoder)
     data = prepare_data(spec, cfg, accelerator)
@@ -36,8 +37,8 @@ def _cache(args) -> None:
 
 
 def model_facts(model_cfg):
-    """(fps, allowed frame counts) of a config's model for `data check`, or None without a folder or variant
-    (data/ knows no model: the command hands these in)."""
+    """(fps, allowed frame counts, native (frames, height, width)) of a config's model for `data check`, or None
+    without a folder or variant (data/ knows no model: the command hands these in)."""
     from ..models import get_variant, resolve_variant
 
     if os.path.exists(model_cfg.path):  # the folder's own configs decide; a model.variant must agree with them
@@ -46,7 +47,7 @@ def model_facts(model_cfg):
         v = get_variant(model_cfg.variant)
     else:
         return None
-    return v.fps, v.allowed_frames()
+    return v.fps, v.allowed_frames(), (v.native_frames, v.native_height, v.native_width)
 
 
 def _check(args) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -50,11 +51,20 @@ def _run(args) -> None:
     print(f"trained {result.steps} steps on {result.clips} clips; {saved}")
 
 
+class _HelpKeys(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .keys import print_keys
+
+        print_keys()
+        parser.exit(0)
+
+
 def register(sub) -> None:
     from .argtypes import int_range
     from .common import add_unsafe
 
     tr = sub.add_parser("train", help=HELP)
+    tr.add_argument("--help-keys", action=_HelpKeys, nargs=0, help="list every config key with its default and meaning")
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     tr.add_argument("--nproc", type=int_range(1, 1024), default=1, help="start N processes on this node with torchrun")

@@ -319,7 +319,8 @@ def write_json(reports: list[ClipReport], path: str | os.PathLike) -> Path:
 
 def _settings_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """Defaults < the config's data section (and what its model implies: `args.model_facts(cfg.model)` gives the
-    model's (fps, allowed frame counts) or None; data/ knows no model) < flags given on the command line."""
+    model's (fps, allowed frame counts, native (frames, height, width)) or None; data/ knows no model) < flags given
+    on the command line."""
     s: dict[str, Any] = dict(frames=49, height=480, width=720, mode="uniform", target_fps=None,
                              short_policy="skip", window="center", allowed=None, frame_buckets=None)
     root, variant = args.root, None
@@ -335,6 +336,9 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]
                            ("short_policy", ("short_clips", "short", "short_policy")), ("window", ("window",))):
             value = next((getattr(data, n) for n in names if getattr(data, n, None) is not None), None)
             s[key] = s[key] if value is None else value
+        if variant is not None:  # frames/height/width the config leaves unset: the model's native, as in training
+            for key, native in zip(("frames", "height", "width"), variant[2]):
+                s[key] = native if getattr(data, key) is None else s[key]
         bucket_frames = getattr(getattr(data, "buckets", None), "frames", None)
         if bucket_frames:
             s["frame_buckets"] = s["allowed"] = sorted(set(bucket_frames) | {s["frames"]}, reverse=True)
@@ -343,7 +347,7 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]
         if getattr(args, flag) is not None:
             s[key] = getattr(args, flag)
     if variant is not None:  # as training does: the model's fps, and its frame counts for the smaller policy
-        fps, allowed = variant
+        fps, allowed = variant[:2]
         s["target_fps"] = s["target_fps"] or fps
         s["allowed"] = s["allowed"] or [f for f in allowed if f <= s["frames"]]
     if root is None:

@@ -108,6 +108,9 @@ def resolve_lora_path(path: str | Path) -> Path:
     if path.is_dir():
         if (path / WEIGHT_NAME).is_file():
             return path / WEIGHT_NAME
+        if (path / "trainer_state.json").is_file():  # a cogtune checkpoint-N written before they held LoRA files
+            raise CogtuneError(f"{path} is a cogtune checkpoint from before checkpoints held LoRA files: resume it "
+                               f"(resume={path}) with max_steps one higher to get its LoRA, or use the run's lora/")
         found = sorted(path.glob("*.safetensors"))
         if len(found) == 1:
             return found[0]
@@ -144,6 +147,62 @@ def _split_key(key: str, suffixes: dict[str, str]) -> tuple[str, str] | None:
 _DIFFUSERS_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 _COMFY_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".lora_A.weight": "A", ".lora_B.weight": "B",
                    ".alpha": "alpha"}
+
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")  # kohya sd-scripts style, used by VideoX-Fun and musubi
+PEFT_PREFIX = "base_model.model."  # peft's own save_pretrained
+SIDECAR = "adapter_config.json"  # peft's LoraConfig beside adapter_model.safetensors (peft, diffusion-pipe)
+
+
+def _kohya_module(name: str) -> str | None:
+    """`blocks_3_q` (ComfyUI names) or the diffusers module name (`..._blocks_3_attn1_to_q`), dots written as
+    underscores → the ComfyUI module `blocks.3.q`; None if it names no module of the model."""
+    m = re.fullmatch(r"(?:transformer_)?blocks_(\d+)_(.+)", name)
+    if m:
+        return next((f"blocks.{m[1]}.{comfy}" for ours, comfy in _BLOCK_NAMES.items()
+                     if m[2] in (ours.replace(".", "_"), comfy.replace(".", "_"))), None)
+    return next((comfy for ours, comfy in _TOP_NAMES.items() if name in (ours.replace(".", "_"),
+                                                                         comfy.replace(".", "_"))), None)
+
+
+def normalize_layout(tensors: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Keys of the LoRA layouts other trainers write, renamed to the diffusers or ComfyUI format (tensors
+    untouched; the scale rules are the same: kohya's alpha/rank is ComfyUI's); and the layout's name."""
+    keys = list(tensors)
+    if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys):
+        out = {}
+        for key, tensor in tensors.items():
+            name, _, rest = key.partition(".")
+            module = _kohya_module(name.removeprefix("lora_unet_").removeprefix("lora_transformer_"))
+            if module is None or rest not in ("lora_down.weight", "lora_up.weight", "alpha"):
+                raise CogtuneError(f"LoRA file {path}: kohya-style key {bounded(repr(key))} names no module of "
+                                   "the model (in ComfyUI's names or diffusers') or no plain LoRA weight (lora_down/lora_up/alpha)")
+            out[f"{COMFY_PREFIX}{module}.{rest}"] = tensor
+        return out, "kohya"
+    after = [_split_key(k[len(COMFY_PREFIX):], _DIFFUSERS_SUFFIXES) if k.startswith(COMFY_PREFIX) else None
+             for k in keys]
+    if keys and all(a and to_comfy_module(a[0]) for a in after) and any(from_comfy_module(a[0]) is None
+                                                                         for a in after):
+        # diffusion-pipe: ComfyUI's prefix on diffusers module names (proj_out and a few others read the same)
+        return {PREFIX + k[len(COMFY_PREFIX):]: v for k, v in tensors.items()}, "diffusion-pipe"
+    if keys and all(k.startswith(PEFT_PREFIX) for k in keys):
+        return {PREFIX + k[len(PEFT_PREFIX):]: v for k, v in tensors.items()}, "peft"
+    if keys and not any(k.startswith((PREFIX, COMFY_PREFIX)) for k in keys) and all(
+            _split_key(k, _DIFFUSERS_SUFFIXES) for k in keys):  # peft names without the `transformer.` prefix
+        return {PREFIX + k: v for k, v in tensors.items()}, "peft"
+    return tensors, ""
+
+
+def sidecar_config(path: Path) -> dict | None:
+    """The peft LoraConfig saved beside a LoRA file (adapter_config.json), checked, or None."""
+    side = path.parent / SIDECAR
+    if not side.is_file():
+        return None
+    try:
+        text = side.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CogtuneError(f"LoRA {path}: cannot read {side} beside it ({e}); fix or remove it") from None
+    return check_adapter_metadata(text, side)
 
 
 def _detect_format(keys: list[str], path: Path) -> str:
@@ -262,7 +321,9 @@ def read_lora(path: str | Path, assume_alpha: float | None = None) -> LoraWeight
     if assume_alpha is not None:
         check_alpha(assume_alpha, "--alpha")
     tensors, metadata = read_safetensors(path)
+    tensors, layout = normalize_layout(tensors, path)
     fmt = _detect_format(list(tensors), path)
+    layout = layout or fmt
     check_tensors(tensors, path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -296,7 +357,8 @@ def read_lora(path: str | Path, assume_alpha: float | None = None) -> LoraWeight
         state_dict[f"{PREFIX}{module}.lora_B.weight"] = b
         ranks[module] = int(a.shape[0])
 
-    stored = check_adapter_metadata(metadata[ADAPTER_KEY], path) if metadata.get(ADAPTER_KEY) else None
+    stored = check_adapter_metadata(metadata[ADAPTER_KEY], path) if metadata.get(ADAPTER_KEY) else (
+        sidecar_config(path) if layout in ("peft", "diffusion-pipe") else None)
     cogtune = {k: v for k, v in metadata.items() if k.startswith("cogtune.")}
     extra = {k: v for k, v in metadata.items() if k != ADAPTER_KEY and not k.startswith("cogtune.")}
     has_alpha = {m for m, p in parts.items() if "alpha" in p}
@@ -309,16 +371,17 @@ def read_lora(path: str | Path, assume_alpha: float | None = None) -> LoraWeight
         alphas = {m: float(parts[m]["alpha"].float().item()) if m in has_alpha else float(ranks[m]) for m in ranks}
         config = stored if stored and _consistent(stored, ranks, alphas) else build_lora_config(ranks, alphas)
         alphas = {m: _config_alpha(config, m) for m in ranks}  # exact values when the stored config agrees
-        return LoraWeights(state_dict, alphas, config, cogtune, extra, fmt, True)
+        return LoraWeights(state_dict, alphas, config, cogtune, extra, layout, True)
     if stored is not None:
         bad = next((m for m in sorted(ranks) if _config_rank(stored, m) != ranks[m]), None)
         if bad is not None:
             raise CogtuneError(f"LoRA file {path}: its metadata gives {bad} rank {_config_rank(stored, bad)}, its "
                                f"weights rank {ranks[bad]}: the metadata belongs to another LoRA; export it again")
-        return LoraWeights(state_dict, {m: _config_alpha(stored, m) for m in ranks}, stored, cogtune, extra, fmt, True)
+        return LoraWeights(state_dict, {m: _config_alpha(stored, m) for m in ranks}, stored, cogtune, extra, layout,
+                           True)
     alphas = {m: float(assume_alpha) if assume_alpha is not None else float(ranks[m]) for m in ranks}
     config = build_lora_config(ranks, alphas)
-    return LoraWeights(state_dict, alphas, config, cogtune, extra, fmt, alpha_stored=False)
+    return LoraWeights(state_dict, alphas, config, cogtune, extra, layout, alpha_stored=False)
 
 
 def load_lora_any(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
@@ -386,16 +449,24 @@ def write_diffusers(lora: LoraWeights, out: str | Path, overwrite: bool = True) 
     return _write_atomic(lora.state_dict, _metadata(lora), output_path(out, "diffusers"), overwrite)
 
 
-def to_comfy_state_dict(lora: LoraWeights) -> dict[str, torch.Tensor]:
+def _family_without_comfyui_names(lora: LoraWeights) -> str | None:
+    """The family of the LoRA's variant if cogtune knows no ComfyUI names for it, else None."""
     variant = lora.cogtune.get("cogtune.variant")
     if variant:
         from ..models import all_variants, family
 
         facts = all_variants().get(variant)
         if facts is not None and not family(facts.family).COMFYUI_LORAS:
-            raise CogtuneError(f"LoRA trained on {variant}: cogtune does not know ComfyUI's names for {facts.family} "
-                               f"models yet, so it cannot write the ComfyUI format; use the diffusers file "
-                               f"({WEIGHT_NAME}) as it is")
+            return facts.family
+    return None
+
+
+def to_comfy_state_dict(lora: LoraWeights) -> dict[str, torch.Tensor]:
+    unknown = _family_without_comfyui_names(lora)
+    if unknown:
+        raise CogtuneError(f"LoRA trained on {lora.cogtune['cogtune.variant']}: cogtune does not know ComfyUI's names "
+                           f"for {unknown} models yet, so it cannot write the ComfyUI format; use the diffusers file "
+                           f"({WEIGHT_NAME}) as it is")
     tensors: dict[str, torch.Tensor] = {}
     for module in lora.modules:
         comfy = to_comfy_module(module)
@@ -424,3 +495,10 @@ def convert_lora(src: str | Path, out: str | Path, to: str, alpha: float | None 
     lora = read_lora(src, assume_alpha=alpha)  # an alpha recorded in the file wins; `alpha` fills in a missing one
     write = write_comfyui if to == "comfyui" else write_diffusers
     return lora, write(lora, dest, overwrite)
+
+
+def comfyui_copy(path: str | Path) -> Path | None:
+    """Beside a diffusers LoRA file, the same LoRA for ComfyUI core (COMFY_NAME; the tensors themselves, alpha in
+    `.alpha`), or None where cogtune knows no ComfyUI names for the model's family."""
+    lora = read_lora(path)
+    return None if _family_without_comfyui_names(lora) else write_comfyui(lora, Path(path).parent)

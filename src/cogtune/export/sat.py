@@ -44,6 +44,7 @@ from .lora_formats import (PREFIX, WEIGHT_NAME, LoraWeights, build_lora_config, 
 
 SAT_PREFIX = "model.diffusion_model."
 SAT_FILE = "mp_rank_00_model_states.pt"
+SAT_FAMILY = "cogvideox"  # SAT is this family's own training format
 SAT_LORA_ALPHA = 1.0  # sat.model.finetune.lora2.LoraMixin default
 FINETUNE_LORA_ALPHA = 64.0  # CogVideo finetune/schemas/args.py default (rank 128)
 _W = r"(weight|bias)"
@@ -140,7 +141,7 @@ def infer_config(sd: dict[str, torch.Tensor], variant: str) -> dict:
     """The variant's published transformer config with the sizes read off the weights (so any size converts)."""
     from ..models import family
 
-    cogvideox = family("cogvideox")  # SAT is CogVideoX's own training format
+    cogvideox = family(SAT_FAMILY)
     detect_variant = cogvideox.detect_variant
     cfg = cogvideox.real_configs(variant)["transformer"]
     need = ["transformer_blocks.0.attn1.to_q.weight", "transformer_blocks.0.attn1.norm_q.weight",
@@ -173,6 +174,38 @@ def infer_config(sd: dict[str, torch.Tensor], variant: str) -> dict:
         raise CogtuneError(f"the checkpoint looks like {found} (in_channels={cfg['in_channels']}), not --variant "
                            f"{variant}: pass --variant {found}")
     return cfg
+
+
+def variant_of_checkpoint(sd: dict[str, torch.Tensor], dropped: list[str]) -> str | None:
+    """The variant a SAT checkpoint's own keys name, or None where they leave it open: the patch embedding
+    (Conv2d: 1.0, Linear: 1.5), the input channels (twice the output: I2V) and, for 1.0 T2V, the position encoding
+    (SAT's rotary tables freqs_sin/freqs_cos: 5B; a pos_embedding table: 2B's sin-cos one)."""
+    from ..models import family
+
+    proj, out = sd.get("patch_embed.proj.weight"), sd.get("proj_out.weight")
+    if proj is None or out is None:
+        return None
+    linear = proj.ndim == 2
+    patch = 2 * 2 * (2 if linear else 1)  # every variant patches 2×2 (×2 frames for 1.5)
+    in_ch, out_ch = (proj.shape[1] // patch if linear else proj.shape[1]), out.shape[0] // patch
+    i2v = in_ch == 2 * out_ch
+    rope = any("freqs_" in k for k in dropped)
+    table = "patch_embed.pos_embedding" in sd
+    if not (linear or i2v or rope or table):
+        return None
+    return family(SAT_FAMILY).detect_variant({
+        "in_channels": in_ch, "out_channels": out_ch, "patch_size_t": 2 if linear else None,
+        "use_rotary_positional_embeddings": rope or i2v or linear})
+
+
+def pick_sat_variant(given: str | None, found: str | None, what: str) -> str:
+    """--variant against what the checkpoint says: a contradiction is refused, a silence needs --variant."""
+    if given and found and given != found:
+        raise CogtuneError(f"{what} is {found} by its own keys, not --variant {given}: pass --variant {found} (or "
+                           "leave it out)")
+    if not (given or found):
+        raise CogtuneError(f"{what} does not say which variant it belongs to: pass --variant")
+    return given or found
 
 
 def _read_config(path: str | Path) -> dict:
@@ -229,8 +262,18 @@ def _lora_weights(state_dict: dict[str, torch.Tensor], alpha: float, variant: st
     return LoraWeights(state_dict, alphas, config, cogtune, {}, "diffusers", True)
 
 
-def convert_official_lora(path: Path, out: Path, variant: str, alpha: float | None = None,
-                          overwrite: bool = False) -> Path:
+SOURCES = ("finetune", "sat-export")  # CogVideo's finetune/ trainer; its tools/export_sat_lora_weight.py
+
+
+def _sat_export_shaped(lora) -> bool:
+    """What tools/export_sat_lora_weight.py writes: the 4 attention projections of the 2B model's 30 blocks (it
+    refuses any other count), which a finetune-trainer LoRA of 2B with its default targets also is."""
+    attention = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
+    return len(lora.modules) == 120 and all(m.endswith(attention) for m in lora.modules)
+
+
+def convert_official_lora(path: Path, out: Path, variant: str | None, alpha: float | None = None,
+                          overwrite: bool = False, source: str | None = None) -> Path:
     check_output_file(output_path(out), overwrite)
     lora = read_lora(path)
     if lora.source_format != "diffusers":
@@ -238,18 +281,27 @@ def convert_official_lora(path: Path, out: Path, variant: str, alpha: float | No
     if lora.alpha_stored and alpha is None:
         raise CogtuneError(f"{path} already records its LoRA config (rank {lora.lora_config.get('r')}, alpha "
                            f"{lora.lora_config.get('lora_alpha')}): it loads at its trained scale as it is")
+    variant = pick_sat_variant(variant, None, f"LoRA {path}")
     rank = lora.rank(lora.modules[0])
+    if source is None and alpha is None and _sat_export_shaped(lora):
+        raise CogtuneError(f"{path} records no alpha and may come from CogVideo's finetune trainer (lora_alpha "
+                           f"{FINETUNE_LORA_ALPHA:g}, scale {FINETUNE_LORA_ALPHA / rank:g}) or from "
+                           f"tools/export_sat_lora_weight.py (SAT's lora_alpha 1, scale 1/{rank}), which write the "
+                           "same keys: pass --source finetune or --source sat-export (or --alpha A)")
+    origin = "sat" if source == "sat-export" else "cogvideo-finetune"
     if alpha is None:
-        alpha = FINETUNE_LORA_ALPHA
-        print(f"note: {path.name} records no alpha (CogVideo finetune trainer output): assuming that trainer's "
-              f"default lora_alpha={alpha:g} with rank {rank} (scale {alpha / rank:g}); pass --alpha if you trained "
-              "with another")
-    return write_diffusers(_lora_weights(lora.state_dict, alpha, variant, "cogvideo-finetune"), out, overwrite)
+        alpha = SAT_LORA_ALPHA if source == "sat-export" else FINETUNE_LORA_ALPHA
+        trainer = "SAT LoRA exported by tools/export_sat_lora_weight.py" if source == "sat-export" else \
+            "CogVideo finetune trainer output"
+        print(f"note: {path.name} records no alpha ({trainer}): assuming lora_alpha={alpha:g} with rank {rank} "
+              f"(scale {alpha / rank:g}); pass --alpha if you trained with another")
+    return write_diffusers(_lora_weights(lora.state_dict, alpha, variant, origin), out, overwrite)
 
 
-def convert_sat_lora(sat: dict[str, torch.Tensor], out: Path, variant: str, alpha: float | None = None,
+def convert_sat_lora(sat: dict[str, torch.Tensor], out: Path, variant: str | None, alpha: float | None = None,
                      overwrite: bool = False) -> Path:
     check_output_file(output_path(out), overwrite)
+    variant = pick_sat_variant(variant, None, "a SAT LoRA")
     state_dict = sat_lora_to_diffusers(sat)
     rank = next(v.shape[0] for k, v in state_dict.items() if ".lora_A." in k)
     if alpha is None:
@@ -262,22 +314,25 @@ def convert_sat_lora(sat: dict[str, torch.Tensor], out: Path, variant: str, alph
 # --- entry points ---------------------------------------------------------------------------------------------
 
 
-def convert_sat(ckpt: str | Path, out: str | Path, variant: str, alpha: float | None = None,
+def convert_sat(ckpt: str | Path, out: str | Path, variant: str | None = None, alpha: float | None = None,
                 config: str | Path | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
-                overwrite: bool = False, unsafe_pickle: bool | None = None) -> Path:
-    """Convert CKPT (SAT full/LoRA checkpoint, or an official-trainer LoRA) into OUT; returns what was written."""
+                overwrite: bool = False, unsafe_pickle: bool | None = None, source: str | None = None) -> Path:
+    """Convert CKPT (SAT full/LoRA checkpoint, or an official-trainer LoRA) into OUT; returns what was written.
+    `variant`: checked against what a full checkpoint's keys say (and taken from them when None)."""
     from ..models import family
     from .shards import check_output_folder, save_transformer_folder
 
-    family("cogvideox").get_variant(variant)
+    if variant is not None:
+        family(SAT_FAMILY).get_variant(variant)
     path, out = resolve_checkpoint(ckpt), Path(out)
     if path.suffix == ".safetensors":
-        return convert_official_lora(path, out, variant, alpha, overwrite)
+        return convert_official_lora(path, out, variant, alpha, overwrite, source)
     sat = load_sat_state_dict(path, unsafe_pickle)
     if any(".matrix_A." in k for k in sat):
         return convert_sat_lora(sat, out, variant, alpha, overwrite)
     check_output_folder(out, overwrite)  # say so before converting
-    sd, _ = sat_to_diffusers(sat)
+    sd, dropped = sat_to_diffusers(sat)
+    variant = pick_sat_variant(variant, variant_of_checkpoint(sd, dropped), f"checkpoint {path}")
     cfg = _read_config(config) if config else infer_config(sd, variant)
     sd = check_against_model(sd, cfg)
     return save_transformer_folder(sd, {"_class_name": "CogVideoXTransformer3DModel", **cfg}, out, dtype=dtype,

@@ -123,7 +123,8 @@ def _tiny_facts(path: Path, facts: ModelFacts) -> ModelFacts:
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size.values()):
         raise CogtuneError(f"{display_path(tiny)}: frames/height/width must be positive whole numbers, got "
                            f"{tuple(size.values())}: write the tiny model again (cogtune tiny DIR --variant V)")
-    return replace(facts, native_frames=size["frames"], native_height=size["height"], native_width=size["width"])
+    return replace(facts, native_frames=size["frames"], native_height=size["height"], native_width=size["width"],
+                   hub_id="")  # random weights: not the published model
 
 
 def resolve_variant(path, variant: str | None = None, weights: bool = True, key: str = "model.variant") -> ModelFacts:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from ..config import OPTIMIZERS, TrainConfig, switch_conflicts
+from ..config import OPTIMIZERS, TrainConfig, fill_native_shape, switch_conflicts
 from ..errors import CogtuneError
 
 GiB = float(2**30)
@@ -161,6 +161,13 @@ def model_stats(cfg: TrainConfig, variant: str | None = None) -> tuple[str, Mode
         raise CogtuneError(f"cogtune plan has no memory profile for {name} yet ({get_variant(name).family} models): "
                            "train with the memory switches you choose and watch the first steps' peak memory")
     return name, _stats(*(json.dumps(c, sort_keys=True) for c in (tcfg, vcfg, t5cfg)))
+
+
+def _facts(cfg: TrainConfig, name: str):
+    from ..models import get_variant, resolve_variant
+
+    path = Path(cfg.model.path)
+    return resolve_variant(path, name, weights=False) if path.exists() else get_variant(name)
 
 
 @dataclass(frozen=True)
@@ -313,6 +320,8 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
     """Predict peak memory per accelerator (and host memory per process) for `cfg`; with `gpu_memory` (GiB), also
     propose the cheapest switches that fit (`plan.proposal`)."""
     name, st = model_stats(cfg, variant)
+    if None in (cfg.data.frames, cfg.data.height, cfg.data.width):
+        fill_native_shape(cfg, _facts(cfg, name))
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     s = switches or Switches.from_config(cfg)
     sft, cuda = cfg.method == "sft", device == "cuda"
@@ -371,6 +380,8 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
         gathered = 2 * st.block_params * c + (4.0 * st.block_params if sft else 0)
     else:
         w_t, grads, states = 4.0 * p_t, 4.0 * p_t * (2 if strategy == "ddp" else 1), opt * p_t
+    ema = 4.0 * p_t if cfg.ema.decay else 0.0  # the fp32 average of the trainable weights (never sharded)
+    states += 0.0 if cfg.ema.on_host else ema
     host_blocks = L * block_frozen if offload else 0.0  # frozen blocks on the host; current + prefetched on the GPU
     frozen_bytes, gathered = frozen_bytes - host_blocks, gathered + (2 * block_frozen if offload else 0.0)
 
@@ -420,7 +431,8 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
     load = PROCESS_HOST + (4 if sft else c) * st.params + e * (st.t5_params + st.vae_params)
     train_host = {"process": PROCESS_HOST, "frozen blocks (block offload)": host_blocks, "ZeRO offload": host_states,
                   "activations (activation_offload)": offloaded,
-                  "encoders (offloaded)": e * (st.t5_params + st.vae_params) - enc}
+                  "encoders (offloaded)": e * (st.t5_params + st.vae_params) - enc,
+                  "EMA (ema.on_host)": ema if cfg.ema.on_host else 0.0}
     if sum(train_host.values()) <= load:
         train_host = {"process": PROCESS_HOST, "pipeline load": load - PROCESS_HOST}
     details = {"trainable_params": p_t, "frozen_params": p_f, "activations_saved": kept, "activation_unit": unit,

@@ -13,7 +13,7 @@ NOTES = {
     "gathered": "ZeRO-3/FSDP2 blocks being used, block-offload blocks on the GPU",
     "copies": "compute-dtype weights autograd keeps until backward",
     "grads": "fp32",
-    "optimizer": "states of the trainable parameters on this GPU",
+    "optimizer": "states of the trainable parameters on this GPU (and ema.decay's fp32 average)",
     "activations": "saved by autograd (checkpointed blocks keep their input)",
     "workspace": "transients, recomputed block, optimizer scratch",
     "encoders": "T5 and VAE in memory.encoder_dtype while on the GPU",

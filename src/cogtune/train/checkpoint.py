@@ -26,7 +26,8 @@ SHARDED = "sharded"  # torch.distributed.checkpoint folder of an FSDP2 checkpoin
 # What a resumed run must share with the run that wrote the checkpoint (max_steps, logging, validation may change).
 MUST_MATCH = ("model.path", "model.variant", "method", "lora.rank", "lora.alpha", "lora.target_modules",
               "data.root", "data.frames", "data.height", "data.width", "data.sampling", "data.crop", "seed",
-              "batch_size", "gradient_accumulation_steps", "distributed.strategy", "world_size")
+              "batch_size", "gradient_accumulation_steps", "distributed.strategy", "world_size", "validation.holdout")
+ADDED_LATER = {"validation.holdout": 0}  # keys checkpoints of earlier versions lack: what they meant then
 
 
 def _dig(tree: dict, dotted: str):
@@ -40,7 +41,7 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-RUN_FILES = ("config.yaml", "logs", "lora", "transformer", "pipeline", "validation")  # not "cache": hours of encoding
+RUN_FILES = ("config.yaml", "logs", "lora", "transformer", "pipeline", "validation", "lora_ema", "transformer_ema")  # not "cache": hours of encoding
 
 
 def previous_run(out: Path) -> list[Path]:
@@ -82,6 +83,7 @@ def resolve_resume(resume: str | None, out: Path) -> Path | None:
 def check_compatible(saved: dict, current: dict, path: Path) -> None:
     for key in MUST_MATCH:
         a, b = _dig(saved, key), _dig(current, key)
+        a = ADDED_LATER.get(key) if a is None else a
         if a != b:
             raise CogtuneError(f"resume: {path} was written with {key}={a!r}, this run has {key}={b!r}; "
                                f"a checkpoint only continues the run that wrote it")
@@ -140,13 +142,14 @@ def load_sharded(path: Path, model, optimizer, scheduler) -> None:
 
 
 def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, config: dict, keep_last: int | None,
-                    sharded: tuple | None = None) -> Path:
-    """`sharded`: (model, optimizer, scheduler) of an FSDP2 run, saved with torch.distributed.checkpoint."""
+                    sharded: tuple | None = None, extra=None) -> Path:
+    """`sharded`: (model, optimizer, scheduler) of an FSDP2 run, saved with torch.distributed.checkpoint. `extra`:
+    called on every rank with the folder being written, before it is marked complete (e.g. the LoRA files)."""
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_checkpoint(accelerator, tmp, trainer_state, config, sharded)
+        _write_checkpoint(accelerator, tmp, trainer_state, config, sharded, extra)
     except BaseException as e:  # a full disk, a second signal: no half-written folder stays
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, RuntimeError) and any(m in str(e) for m in ("write", "inline_container", "StreamWriter")):
@@ -172,13 +175,16 @@ def _write_errno(out: Path) -> int:
     return errno.ENOSPC if shutil.disk_usage(out).free < 64 << 20 else errno.EIO
 
 
-def _write_checkpoint(accelerator, tmp: Path, trainer_state: dict, config: dict, sharded: tuple | None) -> None:
+def _write_checkpoint(accelerator, tmp: Path, trainer_state: dict, config: dict, sharded: tuple | None,
+                      extra=None) -> None:
     accelerator.wait_for_everyone()
     if sharded:
         tmp.mkdir(parents=True, exist_ok=True)
         save_sharded(accelerator, tmp, *sharded)
     else:
         accelerator.save_state(str(tmp))
+    if extra is not None:
+        extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "config.json").write_text(json.dumps(config, indent=1))

@@ -18,6 +18,7 @@ import torch
 
 from ..data.buckets import assign_bucket, resolutions_for_area
 from ..data.cache import CacheItem, LatentCache, fingerprint_files
+from ..data.captions import with_trigger
 from ..data.frames import plan_bucketed
 from ..data.sources import Sample, load_dataset, problem_text
 from ..data.video import decode_plan, load_image, probe
@@ -43,6 +44,7 @@ class CachedItems:
 
     def __init__(self, cache: LatentCache, items: list[CacheItem], listed: list[str], ram_bytes: float = 0):
         self.cache, self.items, self.listed = cache, items, listed
+        self.empty_prompt: dict[str, torch.Tensor] | None = None  # the "" caption's encodings (caption dropout)
         self.keys = [cache.video_key(item) for item in items]
         self.ram_left = ram_bytes
         self._videos: dict[int, dict] = {}
@@ -155,7 +157,8 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True) -> Prepared
             continue
         h, w, f = bucket
         image = str(s.image) if facts.i2v and s.image is not None else None  # else: the first frame conditions
-        item = CacheItem(str(s.video), s.caption, {"frames": f, "height": h, "width": w}, s.start, s.end, image)
+        caption = with_trigger(s.caption, d.trigger)
+        item = CacheItem(str(s.video), caption, {"frames": f, "height": h, "width": w}, s.start, s.end, image)
         plans[id(item)] = (why, i)
         items.append(item)
         listed.append(name)
@@ -186,6 +189,11 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True) -> Prepared
     if not ready:
         raise CogtuneError(f"no clip could be encoded (first problem: {skipped[0] if skipped else 'unknown'})")
     dataset = CachedItems(cache, [items[i] for i in ready], [listed[i] for i in ready], d.ram_cache_gb * 2**30)
+    if d.caption_dropout:  # the empty caption, encoded once, for the samples whose caption is dropped
+        cache.build_prompts([""], spec.encode_prompts, rank, world, progress=False)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        dataset.empty_prompt = cache.prompt("")
     buckets = [(items[i].settings["height"], items[i].settings["width"], items[i].settings["frames"]) for i in ready]
     return PreparedData(dataset, buckets, skipped, report)
 

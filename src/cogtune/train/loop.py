@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,9 +24,11 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..errors import CogtuneError
+from ..export.shards import new_file_mode, save_safetensors
 from .checkpoint import save_checkpoint
+from .ema import FILE as EMA_FILE
 from .encode import collate
-from .outputs import rescue, rescue_folders, save_outputs, save_rescue
+from .outputs import lora_files_into, rescue, rescue_folders, save_outputs, save_rescue
 from .runlock import RunLock, StopFlag, Stopped, check_not_live
 from .setup import WEIGHT_DTYPES, Run, make_validator, prepare_model, setup  # noqa: F401 (their old home)
 
@@ -86,6 +90,8 @@ def train_run(run: Run, stop: StopFlag) -> TrainResult:
             if done is None:  # accumulating
                 continue
             run.step += 1
+            if run.ema is not None:
+                run.ema.update(run.step)
             log_step(run, bar, done, steps.t0)
             if cfg.validation.every_steps and run.step % cfg.validation.every_steps == 0 and run.step < cfg.max_steps:
                 validate(run, stop, run.step)
@@ -138,6 +144,9 @@ class StepAccumulator:
         with acc.accumulate(run.model):
             position = ((self.micro % accum) * run.world + acc.process_index) * size
             gens = sample_generators(cfg.seed, run.step, position, size)
+            if cfg.data.caption_dropout:
+                drop_captions(batch, run.data.dataset.empty_prompt, cfg.data.caption_dropout, cfg.seed, run.step,
+                              position)
             loss = run.spec.training_loss(run.model, batch, gens)
             loss_f = loss.item()  # the step's one host sync
             if any_rank(acc, not math.isfinite(loss_f)):
@@ -193,6 +202,15 @@ def sample_generators(seed: int, step: int, first_position: int, count: int) -> 
     return [torch.Generator().manual_seed(seed * 1_000_003 + step * 8191 + first_position + i) for i in range(count)]
 
 
+def drop_captions(batch: dict, empty: dict[str, torch.Tensor], p: float, seed: int, step: int, first: int) -> None:
+    """In place: each sample's text encodings become the empty caption's with probability `p`, drawn from (seed,
+    step, position in the global batch) like its noise, so 1 process and N give the same draws."""
+    for i in range(len(batch["paths"])):
+        if random.Random(f"caption-dropout-{seed}-{step}-{first + i}").random() < p:
+            for key, value in empty.items():
+                batch[key][i] = value.to(batch[key].device, batch[key].dtype)
+
+
 def load_batch(run: Run, indices: list[int]) -> dict:
     return collate([run.data.dataset[i] for i in indices], run.accelerator.device)
 
@@ -228,11 +246,14 @@ def heldout_loss(spec, transformer, items: list[dict], seed: int, device) -> flo
 def validate(run: Run, stop: StopFlag, at: int) -> None:
     """Held-out loss and validation videos; a signal abandons them (unless every rank takes part) and is noted."""
     cfg, takes_part = run.cfg, run.main or run.everyone
+    averaged = run.ema.swapped_in() if run.ema is not None and cfg.ema.validate else nullcontext()
     try:
-        with stop.abandonable(at == 0 or not run.everyone):
+        with stop.abandonable(at == 0 or not run.everyone), averaged:
             if cfg.validation.heldout_loss and takes_part:
                 value = heldout_loss(run.spec, run.transformer, run.heldout, cfg.seed, run.accelerator.device)
-                run.metrics.log(at, heldout_loss=value)
+                run.metrics.log(at, **{run.fixed_loss: value})
+                if run.main:
+                    tqdm.write(f"step {at}: {run.fixed_loss} {value:.4f} ({len(run.heldout)} clips)")
             if run.validator is not None and at > 0 and takes_part:
                 run.validator(run.transformer, run.out / "validation" / f"step-{at}", run.accelerator.device,
                               run.accelerator.autocast, run.metrics.tensorboard, at, write=run.main)
@@ -246,14 +267,30 @@ def checkpoint(run: Run, sampler_state: dict) -> Path:
     """`sampler_state`: the sampler's position after the batch trained last (not after the one read ahead)."""
     run.metrics.flush()
     trainer_state = {"step": run.step, "sampler": sampler_state}
+    extra = partial(checkpoint_files, run)
     run.last_checkpoint = save_checkpoint(run.accelerator, run.out, run.step, trainer_state, run.run_config,
-                                          run.cfg.checkpoint.keep_last, run.sharded)
+                                          run.cfg.checkpoint.keep_last, run.sharded, extra)
     return run.last_checkpoint
+
+
+def checkpoint_files(run: Run, folder: Path) -> None:
+    """Every rank: what a checkpoint holds beside the accelerate state (the LoRA files, the average)."""
+    if run.cfg.method == "lora":
+        lora_files_into(run.accelerator, run.model, run.spec, run.cfg, run.step, folder)
+    if run.ema is not None and run.ema.shadow and run.main:  # none before ema.start_step
+        save_safetensors(run.ema.state_dict(), folder / EMA_FILE, mode=new_file_mode())
 
 
 def save_final(run: Run, sampler_state: dict) -> dict[str, Path]:
     try:
-        return save_outputs(run.accelerator, run.model, run.spec, run.cfg, run.step)
+        outputs = save_outputs(run.accelerator, run.model, run.spec, run.cfg, run.step, clips=len(run.data.dataset))
+        if run.ema is not None:
+            with run.ema.swapped_in() as averaged:
+                if averaged:  # lora_ema/ or transformer_ema/, in every format the plain weights have
+                    outputs |= {f"{k}_ema": v for k, v in save_outputs(
+                        run.accelerator, run.model, run.spec, run.cfg, run.step, clips=len(run.data.dataset),
+                        suffix="_ema").items()}
+        return outputs
     except OSError as e:  # on the main process: save the weights elsewhere first (one process: no collectives)
         attempts = [] if run.world > 1 else [
             ("once fixed, run the same command with resume={where} (it saves the outputs without training again)",

@@ -60,28 +60,100 @@ def full_state_dict(accelerator, model, fsdp2: bool) -> dict[str, torch.Tensor] 
     return state if accelerator.is_main_process else None
 
 
-def save_outputs(accelerator, model, spec, cfg, step: int, out: Path | None = None) -> dict[str, Path]:
-    """Call on every rank; only the main process writes (into `out`, by default the output_dir)."""
-    out = Path(out or cfg.output_dir)
-    unwrapped = accelerator.unwrap_model(model)
-    info = {"variant": spec.variant_name, "base_model": str(Path(cfg.model.path).resolve()), "method": cfg.method,
-            "frames": cfg.data.frames, "height": cfg.data.height, "width": cfg.data.width, "steps": step}
+def run_info(spec, cfg, step: int) -> dict:
+    """What a LoRA's `cogtune.*` metadata and the model cards record: no local paths (a LoRA is made to be shared),
+    the base model by its published name and a content fingerprint of its transformer."""
+    from ..data.cache import fingerprint_files
+
+    model = Path(cfg.model.path)
+    return {"variant": spec.variant_name, "base_model": spec.facts.hub_id or model.resolve().name,
+            "base_model_fingerprint": fingerprint_files([model / "transformer"]), "method": cfg.method,
+            "frames": cfg.data.frames, "height": cfg.data.height, "width": cfg.data.width, "steps": step,
+            **({"trigger": cfg.data.trigger} if cfg.data.trigger else {})}
+
+
+def write_lora_files(unwrapped, folder: Path, info: dict, state: dict | None) -> dict[str, Path]:
+    """The LoRA for every client: the diffusers file, and beside it the ComfyUI core one (where cogtune knows the
+    family's ComfyUI names)."""
+    from ..export.lora_formats import comfyui_copy
+    from .lora import save_lora
+
+    files = {"lora": save_lora(unwrapped, folder, info, full_state=state)}
+    try:
+        comfy = comfyui_copy(files["lora"])
+    except CogtuneError as e:  # e.g. modules ComfyUI's model does not have: the diffusers file stands alone
+        log.warning("no ComfyUI copy of the LoRA: %s", e)
+        comfy = None
+    if comfy is not None:
+        files["lora_comfyui"] = comfy
+    return files
+
+
+def card_settings(cfg, info: dict, clips: int | None) -> dict:
+    settings = {"method": cfg.method, "steps": info["steps"],
+                "frames x height x width": f"{cfg.data.frames} x {cfg.data.height} x {cfg.data.width}",
+                "learning rate": cfg.optimizer.lr, "optimizer": cfg.optimizer.name,
+                "batch size x accumulation": f"{cfg.batch_size} x {cfg.gradient_accumulation_steps}",
+                "mixed precision": cfg.mixed_precision, "seed": cfg.seed,
+                "base model fingerprint": info["base_model_fingerprint"]}
+    if cfg.method == "lora":
+        settings |= {"rank / alpha": f"{cfg.lora.rank} / {cfg.lora.alpha:g}",
+                     "target modules": ", ".join(cfg.lora.target_modules)}
+    if clips is not None:
+        settings["clips"] = clips
+    if cfg.data.caption_dropout:
+        settings["caption dropout"] = cfg.data.caption_dropout
+    if "ema_decay" in info:
+        settings["weights"] = (f"exponential moving average, decay {info['ema_decay']} (from step "
+                               f"{cfg.ema.start_step}, every {cfg.ema.every})")
+    return settings
+
+
+def gathered_state(accelerator, model, cfg) -> dict[str, torch.Tensor] | None:
+    """Every rank: the full state dict where the weights are sharded or the whole model is saved (main process
+    only), else None (the unwrapped model holds them)."""
     sharded = STRATEGIES[cfg.distributed.strategy].sharded and accelerator.num_processes > 1
     fsdp2 = cfg.distributed.strategy == "fsdp2" and accelerator.num_processes > 1
-    state = full_state_dict(accelerator, model, fsdp2) if cfg.method == "sft" or sharded else None
+    return full_state_dict(accelerator, model, fsdp2) if cfg.method == "sft" or sharded else None
+
+
+def lora_files_into(accelerator, model, spec, cfg, step: int, folder: Path) -> None:
+    """Every rank: this step's LoRA files into `folder` (a checkpoint being written), so any checkpoint-N is a LoRA
+    as it is (`--lora checkpoint-N`, `load_lora_weights(checkpoint-N)`, ComfyUI)."""
+    state = gathered_state(accelerator, model, cfg)
+    if accelerator.is_main_process:
+        write_lora_files(accelerator.unwrap_model(model), folder, run_info(spec, cfg, step), state)
+
+
+def save_outputs(accelerator, model, spec, cfg, step: int, out: Path | None = None,
+                 clips: int | None = None, suffix: str = "") -> dict[str, Path]:
+    """Call on every rank; only the main process writes (into `out`, by default the output_dir: lora{suffix}/ or
+    transformer{suffix}/, and pipeline/ for the plain weights)."""
+    from ..export.model_card import write_model_card
+
+    out = Path(out or cfg.output_dir)
+    unwrapped = accelerator.unwrap_model(model)
+    info = run_info(spec, cfg, step)
+    state = gathered_state(accelerator, model, cfg)
     if not accelerator.is_main_process:
         return {}
+    if suffix == "_ema":
+        info["ema_decay"] = cfg.ema.decay
+    card = dict(base_model=info["base_model"], hub_id=spec.facts.hub_id, variant=spec.variant_name,
+                trigger=cfg.data.trigger,
+                i2v=spec.facts.i2v, method=cfg.method, settings=card_settings(cfg, info, clips))
     if cfg.method == "lora":
-        from .lora import save_lora
-
-        return {"lora": save_lora(unwrapped, out / "lora", info, full_state=state)}
+        outputs = write_lora_files(unwrapped, out / f"lora{suffix}", info, state)
+        write_model_card(out / f"lora{suffix}", files=[p.name for p in outputs.values()], **card)
+        return outputs
     from ..export.shards import save_transformer_folder
 
     dtype = DTYPES[cfg.sft.save_dtype] if cfg.sft.save_dtype else None
-    folder = save_transformer_folder(state, dict(unwrapped.config), out / "transformer", dtype=dtype,
+    folder = save_transformer_folder(state, dict(unwrapped.config), out / f"transformer{suffix}", dtype=dtype,
                                      max_shard_size=cfg.sft.max_shard_size, overwrite=True)
+    write_model_card(folder, files=[], **card)
     outputs = {"transformer": folder}
-    if cfg.sft.export_pipeline:
+    if cfg.sft.export_pipeline and not suffix:
         outputs["pipeline"] = export_pipeline_folder(Path(cfg.model.path), folder, out / "pipeline")
     return outputs
 

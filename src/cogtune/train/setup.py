@@ -17,15 +17,18 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..config import STRATEGIES, TrainConfig
+from ..config import STRATEGIES, TrainConfig, fill_native_shape
 from ..data.buckets import BucketBatchSampler
+from ..data.split import holdout_indices
 from ..dtypes import MIXED_PRECISION as WEIGHT_DTYPES  # mixed_precision -> the frozen weights' dtype
 from ..errors import CogtuneError
+from ..files import write_text_atomic
 from ..models import family_options, load_spec, resolve_variant, transformer_skeleton
 from .block_offload import block_offload
 from .checkpoint import (check_fresh_output, check_resumable, install_trainable_only_hooks, load_checkpoint,
                          resolve_resume)
 from .distributed import is_sharded, make_accelerator, world_size
+from .ema import EMA
 from .encode import PreparedData, prepare_data
 from .memory import check_switches, encoder_dtype, every_kth_checkpointing, fp8_storage, make_optimizer
 from .metrics import MetricsLog
@@ -53,9 +56,11 @@ class Run:
     sharded: tuple | None  # FSDP2: (model, optimizer, scheduler), saved through torch.distributed.checkpoint
     run_config: dict
     metrics: MetricsLog
-    heldout: list[dict]
+    heldout: list[dict]  # the clips of the fixed-point loss
+    fixed_loss: str  # its metric: heldout_loss (clips never trained on) or train_fixed_loss (training clips)
     step: int = 0
     last_checkpoint: Path | None = None
+    ema: EMA | None = None
 
     @property
     def main(self) -> bool:
@@ -74,6 +79,7 @@ class Run:
 def check_before_loading(cfg: TrainConfig):
     """The model-vs-config rules, from the folder's configs alone, before any process group or weight."""
     facts = resolve_variant(cfg.model.path, cfg.model.variant)
+    fill_native_shape(cfg, facts)
     problem = facts.check_size(cfg.data.frames, cfg.data.height, cfg.data.width)
     if problem:
         raise CogtuneError(problem)
@@ -83,6 +89,9 @@ def check_before_loading(cfg: TrainConfig):
         check_targets(transformer_skeleton(cfg.model.path), cfg.lora.target_modules)
     family_options(cfg, facts)  # another family's options are refused, not ignored
     check_switches(cfg, world_size())
+    if cfg.ema.decay and STRATEGIES[cfg.distributed.strategy].sharded:
+        raise CogtuneError(f"ema.decay with distributed.strategy={cfg.distributed.strategy}: the parameters are split "
+                           "across ranks, which the average does not follow yet; use zero2, ddp or one process")
     return facts
 
 
@@ -98,7 +107,9 @@ def prepare_output(cfg: TrainConfig, out: Path, lock: RunLock, accelerator, run_
         for path in stale:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        settings = {k: v for k, v in run_config.items() if k != "world_size"}  # `cogtune train` takes it back as is
+        write_text_atomic(out / "config.yaml", f"# the whole config of this run ({run_config['world_size']} process(es)); "
+                          f"`cogtune train` takes it as it is\n" + yaml.safe_dump(settings, sort_keys=False))
     return resume_from
 
 
@@ -158,7 +169,8 @@ def load_model(cfg: TrainConfig, device, facts):
 
 
 def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
-    facts = check_before_loading(cfg)
+    native = [k for k in ("frames", "height", "width") if getattr(cfg.data, k) is None]
+    facts = check_before_loading(cfg)  # fills those with the model's native shape
     accelerator = make_accelerator(cfg, facts.block_classes)
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise CogtuneError("mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
@@ -176,8 +188,10 @@ def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
     data = prepare_data(spec, cfg, accelerator)
     validator = make_validator(spec, cfg)
     params = prepare_model(spec, cfg, device)
+    held = holdout_indices(len(data.dataset), cfg.validation.holdout, cfg.seed)
     if accelerator.is_main_process:
-        tqdm.write(run_summary(cfg, spec.variant_name, spec.transformer, data, world, device, resume_from))
+        tqdm.write(run_summary(cfg, spec.variant_name, spec.transformer, data, world, device, resume_from, native,
+                               held=len(held)))
     optimizer = make_optimizer(params, cfg.optimizer, cfg.memory.optimizer_in_backward)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor
     lr_scheduler = get_scheduler(cfg.lr_scheduler.name, optimizer, num_warmup_steps=cfg.lr_scheduler.warmup_steps * world,
@@ -189,16 +203,23 @@ def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
     transformer.train()
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
 
-    sampler = BucketBatchSampler(data.buckets, cfg.batch_size, cfg.seed, accelerator.process_index, world,
+    trained = [None if i in set(held) else b for i, b in enumerate(data.buckets)]  # None: never sampled
+    sampler = BucketBatchSampler(trained, cfg.batch_size, cfg.seed, accelerator.process_index, world,
                                  drop_last=False)
     sharded = (model, optimizer.optimizer, lr_scheduler) if cfg.distributed.strategy == "fsdp2" else None
     step = 0
+    e = cfg.ema
+    ema = EMA({n: p for n, p in transformer.named_parameters() if p.requires_grad}, e.decay, e.start_step, e.every,
+              e.on_host) if e.decay else None
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from, run_config, sharded)
         step = state["step"]
         sampler.load_state_dict(state["sampler"])
+        if ema is not None:
+            ema.load(resume_from)
         log.info("resumed from %s at step %d", resume_from, step)
-    heldout = [data.dataset[i] for i in range(min(cfg.validation.heldout_clips, len(data.dataset)))]
+    fixed = held or list(range(len(data.dataset)))  # without a holdout: training clips (train_fixed_loss)
+    heldout = [data.dataset[i] for i in fixed[:cfg.validation.heldout_clips or (len(held) if held else 2)]]
     return Run(cfg, out, accelerator, spec, data, validator, model, transformer, params, optimizer, lr_scheduler,
                sampler, sharded, run_config, MetricsLog(out / "logs", enabled=accelerator.is_main_process), heldout,
-               step, resume_from)
+               "heldout_loss" if held else "train_fixed_loss", step, resume_from, ema)

@@ -1,0 +1,70 @@
+"""A Hugging Face model card (README.md, read by `huggingface_hub.ModelCard`) beside a LoRA or a transformer folder:
+what it was trained from and how, and which file each client takes. It holds no local paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..files import write_text_atomic
+from .lora_formats import COMFY_NAME, WEIGHT_NAME
+
+CLIENTS = {  # file name -> the clients that load it as it is
+    WEIGHT_NAME: "diffusers `load_lora_weights`, kijai's ComfyUI wrapper node packs, the official demos",
+    COMFY_NAME: "ComfyUI core (its \"Load LoRA\" node)",
+}
+
+
+def write_model_card(folder: str | Path, *, base_model: str, hub_id: str, variant: str, i2v: bool, method: str,
+                     settings: dict, files: list[str], trigger: str | None = None) -> Path:
+    """`base_model`: its name (the hub id of a published model, else the folder's name); `hub_id`: "" for a model
+    that is not a published one. `settings`: what to list under "Training"; `files`: the LoRA files in `folder`."""
+    from huggingface_hub import ModelCardData
+
+    folder = Path(folder)
+    lora = method == "lora"
+    data = ModelCardData(base_model=hub_id or None, library_name="diffusers", instance_prompt=trigger or None,
+                         pipeline_tag="image-to-video" if i2v else "text-to-video",
+                         tags=["cogtune", variant, "lora" if lora else "full-fine-tune", "video-generation"])
+    what = "LoRA" if lora else "full fine-tune"
+    rows = "\n".join(f"| `{name}` | {CLIENTS.get(name, 'diffusers')} |" for name in files) if lora else \
+        "| this folder (safetensors shards, index, config.json) | diffusers `from_pretrained`, as the transformer |"
+    trained = "\n".join(f"- {k}: {v}" for k, v in settings.items())
+    if lora:
+        use = (f'from diffusers import DiffusionPipeline\n\n'
+               f'pipe = DiffusionPipeline.from_pretrained("{hub_id or "BASE_MODEL"}", torch_dtype=torch.bfloat16)\n'
+               f'pipe.load_lora_weights("PATH_TO_THIS_FOLDER", weight_name="pytorch_lora_weights.safetensors", '
+               f'adapter_name="mine")\n'
+               f'pipe.set_adapters(["mine"], [1.0])  # the scale it was trained at')
+    else:
+        use = (f'from diffusers import AutoModel, DiffusionPipeline\n\n'
+               f'transformer = AutoModel.from_pretrained("PATH_TO_THIS_FOLDER", torch_dtype=torch.bfloat16)\n'
+               f'pipe = DiffusionPipeline.from_pretrained("{hub_id or "BASE_MODEL"}", transformer=transformer, '
+               f'torch_dtype=torch.bfloat16)')
+    trigger_line = (f"\nTrigger word: `{trigger}` (it was in every training caption: put it in your prompts).\n"
+                    if trigger else "")
+    body = f"""
+# {variant} {what}, trained with cogtune
+
+Base model: {f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"{base_model} (a local model folder)"}
+({variant}, {"image-to-video" if i2v else "text-to-video"}).
+{trigger_line}
+## Files
+
+| file | loads in |
+|---|---|
+{rows}
+
+## Use it with diffusers
+
+```python
+import torch
+{use}
+```
+
+With cogtune: `cogtune generate --model BASE_MODEL_FOLDER {"--lora PATH_TO_THIS_FOLDER " if lora else ""}--prompt "..."`.
+
+## Training
+
+{trained}
+"""
+    return write_text_atomic(folder / "README.md", f"---\n{data.to_yaml()}\n---\n{body}")
