@@ -182,3 +182,19 @@ def test_cli_table_json_and_exit_codes(dataset: Path, tmp_path: Path, capsys: py
     assert json.loads((tmp_path / "buckets.json").read_text())[0]["used_frames"] == 17
     assert run_check(cli(str(good), "--frames", "33", "--height", "32", "--width", "32")) == 0
     assert "too-short: clip has 17 frames but 33" in capsys.readouterr().out
+
+
+def test_segments_of_one_file_are_samples_of_their_own(synth_data: Path, tmp_path: Path) -> None:
+    from cogtune.data.video import probe
+
+    video = synth_data / (synth_data / "videos.txt").read_text().split()[0]
+    info = probe(video)
+    table = tmp_path / "metadata.csv"
+    table.write_text("video,caption,start,end\n"
+                     f"{video},first second,0,1\n{video},second second,1,2\n{video},first again,0,1\n"
+                     f"{video},the whole clip,,\n")
+    reports = [r for r in check_dataset(table, frames=5, height=32, width=32, workers=2) if r.video]
+    kinds = [[keyword(p) for p in r.problems] for r in reports]
+    assert "duplicate" not in kinds[0] + kinds[1] + kinds[3] and "duplicate" in kinds[2]
+    # a segment shows its own frames: those with start <= i / fps < end
+    assert [r.frames for r in reports] == [round(info.fps), round(info.fps), round(info.fps), info.frames]

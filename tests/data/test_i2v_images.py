@@ -83,3 +83,18 @@ def test_unreadable_image_skips_the_clip_with_its_reason(tiny_model, synth_data,
     _, _, data = _prepare(tiny_model, root, tmp_path / "run")
     assert len(data.dataset) == len(COLOURS) - 1
     assert any("2.png" in line and "not a readable image" in line for line in data.skipped), data.skipped
+
+
+def test_a_t2v_run_ignores_the_image_list(tiny_model, synth_data, tmp_path):
+    """images.txt is optional and for I2V models: a text-to-video run trains every clip, also those whose listed
+    image is missing or broken, and an I2V run skips exactly those."""
+    root = _with_images(synth_data, tmp_path / "data", COLOURS)
+    (root / "images" / "1.png").unlink()
+    (root / "images" / "2.png").write_bytes(b"not a png")
+    cfg = tiny_train_config(tiny_model("cogvideox-5b"), root, tmp_path / "t2v")
+    data = prepare_data(load_spec(cfg.model.path), cfg, progress=False)
+    assert len(data.dataset) == len(COLOURS) and not data.skipped
+    assert all("image_pixels" not in data.dataset[i] for i in range(len(data.dataset)))
+    _, _, i2v = _prepare(tiny_model, root, tmp_path / "i2v")
+    videos = (root / "videos.txt").read_text().split()
+    assert sorted(s.split(":")[0] for s in i2v.skipped) == sorted([videos[1], videos[2]])

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cogtune.data.frames import FramePlan, plan_bucketed, plan_frames
+from cogtune.data.frames import FramePlan, plan_bucketed, plan_frames, segment_frames
 from cogtune.data.sources import Sample, read_dataset
 from cogtune.errors import CogtuneError, display_path
 
@@ -192,6 +192,8 @@ def _check_one(sample: Sample, settings: dict[str, Any], decode: bool, seed: int
             setattr(report, key, value)
         if report.frames:
             plan = _plan(report.frames, report.fps or 0.0, sample, settings, np.random.default_rng(seed))
+            if sample.start is not None or sample.end is not None:  # the segment's frames, not the file's
+                report.frames = segment_frames(report.frames, report.fps or 0.0, sample.start, sample.end)
             if plan.ok:
                 report.span, report.used_frames = plan.span, plan.frames
             else:
@@ -253,19 +255,25 @@ def check_dataset(root: str | os.PathLike, frames: int = 49, height: int = 480, 
 
 
 def _mark_duplicates(samples: list[Sample], reports: list[ClipReport], pool: ThreadPoolExecutor) -> None:
-    """Later listings of the same file, or of a file with identical bytes, get a duplicate problem."""
-    first_of: dict[Path, int] = {}
+    """Later listings of the same file and segment, or of a file with identical bytes, get a duplicate problem
+    (other time segments of one file are samples of their own)."""
+    first_of: dict[tuple, int] = {}
+    hashed: set[Path] = set()
     by_size: dict[int, list[int]] = {}
     for i, s in enumerate(samples):
         if not s.listed or not s.video.is_file():
             continue
-        if s.video in first_of:
-            j = first_of[s.video]
-            reports[i].problems.append(f"duplicate: the same file as {samples[j].listed} ({samples[j].where}); "
-                                       "remove one listing unless the repeat is on purpose")
+        key = (s.video, s.start, s.end)
+        if key in first_of:
+            j = first_of[key]
+            reports[i].problems.append(f"duplicate: the same file{' and segment' if s.start or s.end else ''} as "
+                                       f"{samples[j].listed} ({samples[j].where}); remove one listing unless the "
+                                       "repeat is on purpose")
             continue
-        first_of[s.video] = i
-        by_size.setdefault(s.video.stat().st_size, []).append(i)
+        first_of[key] = i
+        if s.video not in hashed:  # files are compared, not segments of one file
+            hashed.add(s.video)
+            by_size.setdefault(s.video.stat().st_size, []).append(i)
     candidates = [i for group in by_size.values() if len(group) > 1 for i in group]  # only same-size files hashed
     hashes = dict(zip(candidates, pool.map(lambda i: _file_hash(samples[i].video), candidates)))
     seen: dict[str, int] = {}

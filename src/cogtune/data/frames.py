@@ -74,6 +74,12 @@ def _half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def segment_frames(total: int, fps: float, start: float | None, end: float | None) -> int | None:
+    """How many of a clip's `total` frames lie in its start/end segment (None if they cannot be told)."""
+    seg = _segment(total, fps, start, end)
+    return None if isinstance(seg, str) else seg[1]
+
+
 def _segment(total: int, fps: float, start: float | None, end: float | None) -> tuple[int, int] | str:
     """-> (first frame, frame count) of the frames with start <= i / fps < end, or a reason."""
     if start is None and end is None:

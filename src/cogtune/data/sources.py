@@ -29,7 +29,7 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -347,6 +347,15 @@ def read_dataset(path: str | os.PathLike) -> DatasetListing:
     raise CogtuneError(f"{path} is not a dataset folder cogtune recognises; expected official CogVideoX "
                        f"(prompts.txt + videos.txt); or a table ({' or '.join(TABLE_NAMES)}); "
                        "or videos with a same-named .txt caption beside each")
+
+
+IMAGE_PROBLEMS = ("missing-image", "bad-image")  # about a sample's conditioning image only
+
+
+def without_images(sample: Sample) -> Sample:
+    """The sample as a model without image conditioning sees it: no image, and no problem with one."""
+    kept = tuple(p for p in sample.problems if not p.startswith(IMAGE_PROBLEMS))
+    return replace(sample, image=None, problems=kept)
 
 
 def load_dataset(path: str | os.PathLike, strict: bool = True) -> list[Sample]:

@@ -20,7 +20,7 @@ from ..data.buckets import assign_bucket, resolutions_for_area
 from ..data.cache import CacheItem, LatentCache, fingerprint_files
 from ..data.captions import with_trigger
 from ..data.frames import plan_bucketed
-from ..data.sources import Sample, load_dataset, problem_text
+from ..data.sources import Sample, load_dataset, problem_text, without_images
 from ..data.video import decode_plan, load_image, probe
 from ..errors import CogtuneError
 
@@ -137,6 +137,8 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True) -> Prepared
     for h, w in resolutions:
         spec.check_size(frames[0], h, w)
     samples = load_dataset(d.root, strict=False)
+    if not facts.i2v:  # an optional image list (images.txt, an image column) is for I2V models only
+        samples = [without_images(s) for s in samples]
     skipped = [f"{s.listed or s.video}: {problem_text(s.problems[0])}" for s in samples if s.problems]
     usable = [s for s in samples if not s.problems]
 
