@@ -10,6 +10,13 @@ def quiet_libraries() -> None:
     import os
 
     if os.environ.get("COGTUNE_QUIET_LIBRARIES") == "1":
+        import sys
+
+        if "deepspeed" not in sys.modules and "DS_ACCELERATOR" not in os.environ:
+            import torch
+
+            if not torch.cuda.is_available():  # what DeepSpeed picks itself, minus its warning line on import
+                os.environ["DS_ACCELERATOR"] = "cpu"
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 

@@ -276,7 +276,7 @@ class EMAConfig(_Section):
     start_step: int = Field(0, ge=0)
     every: int = Field(1, ge=1)
     on_host: bool = False  # keep the average in host RAM instead of on the accelerator
-    validate: bool = False  # validation videos and the fixed-point loss with the averaged weights
+    for_validation: bool = False  # validation videos and the fixed-point loss with the averaged weights
 
 
 class CheckpointConfig(_Section):

@@ -28,7 +28,7 @@ def test_summary_states_the_run(tiny_model, synth_data, tmp_path, capsys):
     trainable = sum(t.numel() for t in lora.values())  # what trained is exactly what was saved
     clips = len((synth_data / "videos.txt").read_text().split())
     assert re.search(rf"LoRA rank 4, alpha 2 on .*: {trainable / 1e3:.1f}k of ", text), text
-    assert f"data    {clips} clips ready, 0 skipped" in text
+    assert f"data    {clips} clips planned, 0 skipped" in text
     size = f"{cfg.data.frames}×{cfg.data.height}×{cfg.data.width}: {clips}"
     assert size in text
     assert f"steps   3, 2 clips each (batch 1 × accumulation 2 × 1 process) ≈ {3 * 2 / clips:.1f} epochs" in text

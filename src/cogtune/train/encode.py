@@ -129,7 +129,9 @@ def _rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, index]))
 
 
-def prepare_data(spec, cfg, accelerator=None, progress: bool = True) -> PreparedData:
+def prepare_data(spec, cfg, accelerator=None, progress: bool = True, on_planned=None) -> PreparedData:
+    """Plan every clip (frames, bucket), then encode what the cache lacks. `on_planned(buckets, skipped)` hears the
+    plan before any clip is encoded."""
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     facts, d = spec.facts, cfg.data
@@ -177,6 +179,8 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True) -> Prepared
         image = load_image(item.image, st["height"], st["width"], d.crop, _rng(cfg.seed + 2, index))
         return {"video": video, "images": image}
 
+    if on_planned is not None:
+        on_planned([(it.settings["height"], it.settings["width"], it.settings["frames"]) for it in items], skipped)
     cache = LatentCache(cache_root(cfg), video_fingerprint(spec, cfg), text_fingerprint(spec))
     report = cache.build(items, load_video, spec.encode_videos, spec.encode_prompts, rank=rank, world_size=world,
                          progress=progress and rank == 0)
@@ -185,6 +189,9 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True) -> Prepared
     check = cache.check(items)
     for i, why in check.problems.items():
         skipped.append(f"{listed[i]}: {why}")
+    if check.problems and on_planned is not None and rank == 0:
+        log.warning("%d of the %d planned clips could not be encoded and are skipped (see above)",
+                    len(check.problems), len(items))
     ready = check.ready
     for line in skipped:
         log.warning("skipping %s", line)

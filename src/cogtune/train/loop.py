@@ -110,6 +110,8 @@ def train_run(run: Run, stop: StopFlag) -> TrainResult:
     validate(run, stop, run.step)  # a signal here skips the videos; the outputs are saved all the same
     run.accelerator.wait_for_everyone()
     outputs = save_final(run, trained_to)
+    if run.validator is not None and (run.out / "validation").is_dir():
+        outputs["validation"] = run.out / "validation"
     run.accelerator.end_training()
     return result(run, outputs=outputs)
 
@@ -246,7 +248,7 @@ def heldout_loss(spec, transformer, items: list[dict], seed: int, device) -> flo
 def validate(run: Run, stop: StopFlag, at: int) -> None:
     """Held-out loss and validation videos; a signal abandons them (unless every rank takes part) and is noted."""
     cfg, takes_part = run.cfg, run.main or run.everyone
-    averaged = run.ema.swapped_in() if run.ema is not None and cfg.ema.validate else nullcontext()
+    averaged = run.ema.swapped_in() if run.ema is not None and cfg.ema.for_validation else nullcontext()
     try:
         with stop.abandonable(at == 0 or not run.everyone), averaged:
             if cfg.validation.heldout_loss and takes_part:
@@ -255,6 +257,9 @@ def validate(run: Run, stop: StopFlag, at: int) -> None:
                 if run.main:
                     tqdm.write(f"step {at}: {run.fixed_loss} {value:.4f} ({len(run.heldout)} clips)")
             if run.validator is not None and at > 0 and takes_part:
+                if run.main:
+                    n = len(cfg.validation.prompts)
+                    tqdm.write(f"step {at}: validation videos ({n} prompt{'s' if n > 1 else ''})")
                 run.validator(run.transformer, run.out / "validation" / f"step-{at}", run.accelerator.device,
                               run.accelerator.autocast, run.metrics.tensorboard, at, write=run.main)
     except Stopped:
@@ -282,6 +287,8 @@ def checkpoint_files(run: Run, folder: Path) -> None:
 
 
 def save_final(run: Run, sampler_state: dict) -> dict[str, Path]:
+    if run.main:
+        tqdm.write(f"saving the outputs in {run.out}")
     try:
         outputs = save_outputs(run.accelerator, run.model, run.spec, run.cfg, run.step, clips=len(run.data.dataset))
         if run.ema is not None:

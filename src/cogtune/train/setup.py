@@ -33,7 +33,7 @@ from .encode import PreparedData, prepare_data
 from .memory import check_switches, encoder_dtype, every_kth_checkpointing, fp8_storage, make_optimizer
 from .metrics import MetricsLog
 from .runlock import RunLock, StopFlag
-from .summary import memory_forecast, run_summary
+from .summary import data_summary, memory_forecast, model_summary
 
 log = logging.getLogger("cogtune")
 
@@ -184,14 +184,20 @@ def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
     resume_from = prepare_output(cfg, out, lock, accelerator, run_config)
 
     stop.at_once(True)  # until the first step nothing new is trained: a signal stops at once
+    if accelerator.is_main_process:  # lines where the bar does not move for a while
+        tqdm.write(f"loading {facts.name} from {cfg.model.path}")
     spec = load_model(cfg, device, facts)
-    data = prepare_data(spec, cfg, accelerator)
+    def planned(buckets: list, skipped: list) -> None:  # said before any clip is encoded
+        if accelerator.is_main_process:
+            held = len(holdout_indices(len(buckets), cfg.validation.holdout, cfg.seed)) if buckets else 0
+            tqdm.write(data_summary(cfg, spec.variant_name, buckets, len(skipped), world, resume_from, native, held))
+
+    data = prepare_data(spec, cfg, accelerator, on_planned=planned)
     validator = make_validator(spec, cfg)
     params = prepare_model(spec, cfg, device)
     held = holdout_indices(len(data.dataset), cfg.validation.holdout, cfg.seed)
     if accelerator.is_main_process:
-        tqdm.write(run_summary(cfg, spec.variant_name, spec.transformer, data, world, device, resume_from, native,
-                               held=len(held)))
+        tqdm.write(model_summary(cfg, spec.variant_name, spec.transformer, device))
     optimizer = make_optimizer(params, cfg.optimizer, cfg.memory.optimizer_in_backward)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor
     lr_scheduler = get_scheduler(cfg.lr_scheduler.name, optimizer, num_warmup_steps=cfg.lr_scheduler.warmup_steps * world,

@@ -15,41 +15,50 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def run_summary(cfg, variant: str, transformer, data, world: int, device, resume_from=None,
-                native: list[str] = (), held: int = 0) -> str:
-    """`native`: which of data.frames/height/width were unset and took the model's native value; `held`: clips
-    set aside (validation.holdout), never trained on."""
+def data_summary(cfg, variant: str, buckets: list, skipped: int, world: int, resume_from=None,
+                 native: list[str] = (), held: int = 0) -> str:
+    """The data, steps and output lines, said once the clips are planned and before any is encoded (a wrong size
+    shows before hours of caching). `buckets`: (height, width, frames) of each planned clip; `native`: which of
+    data.frames/height/width were unset and took the model's native value; `held`: clips set aside."""
+    counts = Counter(buckets)
+    shapes = ", ".join(f"{f}×{h}×{w}: {n}" for (h, w, f), n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
+    epochs = cfg.max_steps * per_step / max(len(buckets) - held, 1)
+    every = cfg.checkpoint.every_steps
+    result = "lora/ (pytorch_lora_weights.safetensors for diffusers, lora_comfyui.safetensors for ComfyUI core)" \
+        if cfg.method == "lora" else "transformer/"
+    result += ", lora_ema/" if cfg.ema.decay and cfg.method == "lora" else ", transformer_ema/" if cfg.ema.decay else ""
+    start = f"; resuming from {resume_from}" if resume_from else ""
+    return "\n".join([
+        f"data    {len(buckets)} clips planned, {skipped} skipped; frames×height×width: {shapes}"
+        + (f" ({variant}'s native {'/'.join(native)}: data.{', data.'.join(native)} not set)" if native else "")
+        + (f"; {held} held out (never trained on, their loss is heldout_loss)" if held else ""),
+        f"steps   {cfg.max_steps}, {per_step} clip{'s' if per_step > 1 else ''} each (batch {cfg.batch_size} × accumulation "
+        f"{cfg.gradient_accumulation_steps} × {world} process{'es' if world > 1 else ''}) ≈ {epochs:.1f} epochs{start}",
+        f"output  {cfg.output_dir}/: {result}, "
+        + (f"checkpoint-N/ every {every} steps" if every else "no checkpoints (checkpoint.every_steps: 0)")
+        + ", logs/ (metrics.jsonl, TensorBoard)" + (", validation/" if cfg.validation.prompts else ""),
+    ])
+
+
+def model_summary(cfg, variant: str, transformer, device) -> str:
+    """The model and memory lines, once the trained parameters exist."""
     trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     total = sum(p.numel() for p in transformer.parameters())
     if cfg.method == "lora":
         method = f"LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)}"
     else:
         method = "full fine-tune"
-    buckets = Counter(data.buckets)
-    shapes = ", ".join(f"{f}×{h}×{w}: {n}" for (h, w, f), n in sorted(buckets.items(), key=lambda kv: -kv[1]))
-    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
-    epochs = cfg.max_steps * per_step / max(len(data.dataset) - held, 1)
     m = cfg.memory
     switches = [name for name in SWITCHES if getattr(m, name)]
     if m.gradient_checkpointing and m.checkpointing_every > 1:
         switches[0] += f" (every {m.checkpointing_every})"
     switches += [cfg.optimizer.name] if cfg.optimizer.name != "adamw" else []
-    every = cfg.checkpoint.every_steps
-    result = "lora/ (pytorch_lora_weights.safetensors for diffusers, lora_comfyui.safetensors for ComfyUI core)" \
-        if cfg.method == "lora" else "transformer/"
-    start = f"; resuming from {resume_from}" if resume_from else ""
+    switches += [f"ema {cfg.ema.decay}"] if cfg.ema.decay else []
     return "\n".join([
         f"model   {variant}, {method}: {_count(trainable)} of {_count(total)} parameters train",
-        f"data    {len(data.dataset)} clips ready, {len(data.skipped)} skipped; frames×height×width: {shapes}"
-        + (f" ({variant}'s native {'/'.join(native)}: data.{', data.'.join(native)} not set)" if native else "")
-        + (f"; {held} held out (never trained on, their loss is heldout_loss)" if held else ""),
-        f"steps   {cfg.max_steps}, {per_step} clip{'s' if per_step > 1 else ''} each (batch {cfg.batch_size} × accumulation "
-        f"{cfg.gradient_accumulation_steps} × {world} process{'es' if world > 1 else ''}) ≈ {epochs:.1f} epochs{start}",
         f"memory  {', '.join(switches) or 'no switches'}; {device.type}, mixed precision {cfg.mixed_precision}, "
         f"strategy {cfg.distributed.strategy}",
-        f"output  {cfg.output_dir}/: {result}, "
-        + (f"checkpoint-N/ every {every} steps" if every else "no checkpoints (checkpoint.every_steps: 0)")
-        + ", logs/ (metrics.jsonl, TensorBoard)",
     ])
 
 
