@@ -36,6 +36,15 @@ def _cache(args) -> None:
               f"{data.report.summary()}")
 
 
+def _preview(args) -> None:
+    from ..config import load_config
+    from ..train.preview import write_preview
+
+    cfg = load_config(args.config, args.overrides)
+    index = write_preview(cfg, args.out, args.clips)
+    print(f"wrote {index} and a video and contact sheet per clip in {args.out}")
+
+
 def model_facts(model_cfg):
     """(fps, allowed frame counts, native (frames, height, width)) of a config's model for `data check`, or None
     without a folder or variant (data/ knows no model: the command hands these in)."""
@@ -106,3 +115,9 @@ def register(sub) -> None:
     c.add_argument("overrides", nargs="*", metavar="key=value")
     c.set_defaults(func=_cache)
     add_check(d)
+    v = d.add_parser("preview", help="write the frames training will encode (mp4 + contact sheet per clip, index.json)")
+    v.add_argument("config")
+    v.add_argument("overrides", nargs="*", metavar="key=value")
+    v.add_argument("--out", required=True, help="folder for the previews")
+    v.add_argument("--clips", type=int_range(1, 100_000), default=8, help="how many clips (default 8)")
+    v.set_defaults(func=_preview)

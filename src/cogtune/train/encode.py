@@ -129,15 +129,24 @@ def _rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, index]))
 
 
-def prepare_data(spec, cfg, accelerator=None, progress: bool = True, on_planned=None) -> PreparedData:
-    """Plan every clip (frames, bucket), then encode what the cache lacks. `on_planned(buckets, skipped)` hears the
-    plan before any clip is encoded."""
-    rank = accelerator.process_index if accelerator else 0
-    world = accelerator.num_processes if accelerator else 1
-    facts, d = spec.facts, cfg.data
+@dataclass
+class PlannedData:
+    """Every usable clip with its bucket and frame plan, before anything is encoded."""
+    items: list[CacheItem]
+    listed: list[str]  # each item's path as the dataset lists it
+    plans: dict[int, tuple]  # id(item) -> (FramePlan, index among the usable samples: its random streams)
+    skipped: list[str]
+    samples: int  # listed in all
+
+
+def plan_data(facts, cfg, check_size=None) -> PlannedData:
+    """The one planning path of training, `data cache` and `data preview`: frame selection, bucket and caption of
+    every clip, with the random windows and crops drawn from (seed, clip)."""
+    d = cfg.data
     frames, resolutions = _frame_options(cfg, facts)
     for h, w in resolutions:
-        spec.check_size(frames[0], h, w)
+        if check_size is not None:
+            check_size(frames[0], h, w)
     samples = load_dataset(d.root, strict=False)
     if not facts.i2v:  # an optional image list (images.txt, an image column) is for I2V models only
         samples = [without_images(s) for s in samples]
@@ -153,7 +162,7 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True, on_planned=
 
     with ThreadPoolExecutor(max(1, d.num_workers)) as pool:
         planned = list(pool.map(plan, enumerate(usable)))
-    items, listed, plans = [], [], {}
+    out = PlannedData([], [], {}, skipped, len(samples))
     for i, (s, (bucket, why)) in enumerate(zip(usable, planned)):
         name = s.listed or str(s.video)
         if bucket is None:
@@ -163,21 +172,37 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True, on_planned=
         image = str(s.image) if facts.i2v and s.image is not None else None  # else: the first frame conditions
         caption = with_trigger(s.caption, d.trigger)
         item = CacheItem(str(s.video), caption, {"frames": f, "height": h, "width": w}, s.start, s.end, image)
-        plans[id(item)] = (why, i)
-        items.append(item)
-        listed.append(name)
-    if not items:
+        out.plans[id(item)] = (why, i)
+        out.items.append(item)
+        out.listed.append(name)
+    if not out.items:
         raise CogtuneError(f"no usable clips in {d.root}: all {len(samples)} were skipped "
                            f"(first: {skipped[0] if skipped else 'none listed'}); run `cogtune data check {d.root}`")
+    return out
+
+
+def load_planned(planned: PlannedData, item: CacheItem, cfg) -> torch.Tensor | dict:
+    """The pixels training encodes for `item`: its planned frames resized and cropped, and its image if listed."""
+    plan, index = planned.plans[id(item)]
+    st, crop = item.settings, cfg.data.crop
+    video = decode_plan(item.video, plan, st["height"], st["width"], crop, _rng(cfg.seed + 1, index))
+    if item.image is None:
+        return video
+    image = load_image(item.image, st["height"], st["width"], crop, _rng(cfg.seed + 2, index))
+    return {"video": video, "images": image}
+
+
+def prepare_data(spec, cfg, accelerator=None, progress: bool = True, on_planned=None) -> PreparedData:
+    """Plan every clip (frames, bucket), then encode what the cache lacks. `on_planned(buckets, skipped)` hears the
+    plan before any clip is encoded."""
+    rank = accelerator.process_index if accelerator else 0
+    world = accelerator.num_processes if accelerator else 1
+    d = cfg.data
+    planned = plan_data(spec.facts, cfg, spec.check_size)
+    items, listed, skipped = planned.items, planned.listed, planned.skipped
 
     def load_video(item: CacheItem) -> torch.Tensor | dict:
-        plan, index = plans[id(item)]
-        st = item.settings
-        video = decode_plan(item.video, plan, st["height"], st["width"], d.crop, _rng(cfg.seed + 1, index))
-        if item.image is None:
-            return video
-        image = load_image(item.image, st["height"], st["width"], d.crop, _rng(cfg.seed + 2, index))
-        return {"video": video, "images": image}
+        return load_planned(planned, item, cfg)
 
     if on_planned is not None:
         on_planned([(it.settings["height"], it.settings["width"], it.settings["frames"]) for it in items], skipped)
