@@ -41,7 +41,8 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-RUN_FILES = ("config.yaml", "logs", "lora", "transformer", "pipeline", "validation", "lora_ema", "transformer_ema")  # not "cache": hours of encoding
+RUN_FILES = ("config.yaml", "logs", "lora", "transformer", "pipeline", "validation", "lora_ema", "transformer_ema",
+             "loss.png")  # not "cache": hours of encoding
 
 
 def previous_run(out: Path) -> list[Path]:

@@ -29,6 +29,7 @@ from .checkpoint import save_checkpoint
 from .ema import FILE as EMA_FILE
 from .encode import collate
 from .outputs import lora_files_into, rescue, rescue_folders, save_outputs, save_rescue
+from .plot import write_loss_plot
 from .runlock import RunLock, StopFlag, Stopped, check_not_live
 from .setup import WEIGHT_DTYPES, Run, make_validator, prepare_model, setup  # noqa: F401 (their old home)
 
@@ -112,6 +113,10 @@ def train_run(run: Run, stop: StopFlag) -> TrainResult:
     outputs = save_final(run, trained_to)
     if run.validator is not None and (run.out / "validation").is_dir():
         outputs["validation"] = run.out / "validation"
+    if run.main:
+        run.metrics.flush()
+        if write_loss_plot(run.out / "logs" / "metrics.jsonl", run.out / "loss.png"):
+            outputs["loss plot"] = run.out / "loss.png"
     run.accelerator.end_training()
     return result(run, outputs=outputs)
 
@@ -275,6 +280,8 @@ def checkpoint(run: Run, sampler_state: dict) -> Path:
     extra = partial(checkpoint_files, run)
     run.last_checkpoint = save_checkpoint(run.accelerator, run.out, run.step, trainer_state, run.run_config,
                                           run.cfg.checkpoint.keep_last, run.sharded, extra)
+    if run.main:
+        write_loss_plot(run.out / "logs" / "metrics.jsonl", run.out / "loss.png")
     return run.last_checkpoint
 
 
