@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import CogtuneError, bounded, display_path, os_error_text
 
@@ -94,8 +94,34 @@ class BucketConfig(_Section):
         return v
 
 
+DATASET_OVERRIDES = ("frames", "height", "width", "buckets", "trigger")
+
+
+def _multiple_of_16(v: int | None) -> int | None:
+    if v is not None and v % 16:
+        raise ValueError(f"must be a multiple of 16 (VAE ×8 and patch ×2), got {v}")
+    return v
+
+
+class DatasetConfig(_Section):
+    """One of several datasets (data.datasets): its root and what it changes for its own clips."""
+    root: Path
+    name: str | None = None  # for the summary and reports (default: the root's folder name)
+    repeats: int = Field(1, ge=1, le=10_000)  # its clips appear this many times per epoch
+    frames: int | None = Field(None, ge=1, le=1025)
+    height: int | None = Field(None, ge=16, le=8192)
+    width: int | None = Field(None, ge=16, le=8192)
+    buckets: BucketConfig | None = None
+    trigger: str | None = Field(None, min_length=1, max_length=200)
+
+    _sizes = field_validator("height", "width")(_multiple_of_16)
+
+
 class DataConfig(_Section):
-    root: Path  # official layout folder, a metadata.csv/.jsonl table (or its folder), or videos with .txt captions
+    # official layout folder, a metadata.csv/.jsonl table (or its folder), or videos with .txt captions; or several
+    # in `datasets` (each with its own root, repeats, frames/height/width/buckets and trigger)
+    root: Path | None = None
+    datasets: list[DatasetConfig] = []
     # None: the model's native shape (the run summary says which it took)
     frames: int | None = Field(None, ge=1, le=1025)
     height: int | None = Field(None, ge=16, le=8192)
@@ -122,12 +148,29 @@ class DataConfig(_Section):
     # keeps a prompt-free prediction for classifier-free guidance; drawn per sample and step from the seed
     caption_dropout: float = Field(0.0, ge=0, lt=1)
 
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_16(cls, v: int | None) -> int | None:
-        if v is not None and v % 16:
-            raise ValueError(f"must be a multiple of 16 (VAE ×8 and patch ×2), got {v}")
-        return v
+    _sizes = field_validator("height", "width")(_multiple_of_16)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if (self.root is None) == (not self.datasets):
+            raise ValueError("give data.root (one dataset) or data.datasets (several), " +
+                             ("not both" if self.root is not None else "one of them"))
+        return self
+
+    def entries(self) -> list[tuple[str, "DataConfig", int]]:
+        """(name, the data settings of its clips, repeats) of every dataset; data.root alone is one of them."""
+        if self.root is not None:
+            return [(Path(self.root).name, self, 1)]
+        out = []
+        for e in self.datasets:
+            update = {k: getattr(e, k) for k in DATASET_OVERRIDES if getattr(e, k) is not None}
+            out.append((e.name or Path(e.root).resolve().name, self.model_copy(update={"root": e.root, "datasets": [],
+                                                                                       **update}), e.repeats))
+        return out
+
+    @property
+    def first_root(self) -> Path:
+        return Path(self.root if self.root is not None else self.datasets[0].root)
 
 
 class LoraConfig(_Section):

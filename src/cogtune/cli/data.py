@@ -62,6 +62,21 @@ def model_facts(model_cfg):
 def _check(args) -> None:
     from ..data.check import run_check
 
+    code = 0
+    if args.config and not args.root:
+        from ..config import load_config
+
+        data = load_config(args.config).data
+        if data.datasets:  # every dataset with its own settings
+            for name, d, _ in data.entries():
+                print(f"dataset {name} ({d.root})")
+                one = argparse.Namespace(**{**vars(args), "root": str(d.root), "dataset": d,
+                                            "json": f"{args.json}.{name}.json" if args.json else None})
+                code = max(code, run_check(one))
+            if code:
+                sys.stdout.flush()
+                raise SystemExit(code)
+            return
     code = run_check(args)
     if code:
         sys.stdout.flush()

@@ -337,7 +337,8 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]
 
         cfg = load_config(args.config)
         model_facts = getattr(args, "model_facts", None)
-        data, variant = cfg.data, model_facts(cfg.model) if model_facts else None
+        data = getattr(args, "dataset", None) or cfg.data  # one of data.datasets, when the command loops over them
+        variant = model_facts(cfg.model) if model_facts else None
         root = root or data.root
         for key, names in (("frames", ("frames",)), ("height", ("height",)), ("width", ("width",)),
                            ("mode", ("sampling",)), ("target_fps", ("fps", "target_fps")),

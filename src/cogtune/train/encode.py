@@ -22,6 +22,7 @@ from ..data.captions import with_trigger
 from ..data.frames import plan_bucketed
 from ..data.sources import Sample, load_dataset, problem_text, without_images
 from ..data.video import decode_plan, load_image, probe
+from ..config import fill_native_shape
 from ..errors import CogtuneError
 
 log = logging.getLogger("cogtune")
@@ -34,6 +35,12 @@ class PreparedData:
     buckets: list[tuple[int, int, int]]  # (height, width, frames) of each item
     skipped: list[str] = field(default_factory=list)  # "path: reason"
     report: object = None
+    names: list[str] = field(default_factory=list)  # each item's dataset
+    order: list[int] | None = None  # what the sampler draws from: item indices, each as often as its repeats
+
+    def __post_init__(self):
+        if self.order is None:
+            self.order = list(range(len(self.buckets)))
 
 
 class CachedItems:
@@ -134,50 +141,60 @@ class PlannedData:
     """Every usable clip with its bucket and frame plan, before anything is encoded."""
     items: list[CacheItem]
     listed: list[str]  # each item's path as the dataset lists it
-    plans: dict[int, tuple]  # id(item) -> (FramePlan, index among the usable samples: its random streams)
+    plans: dict[int, tuple]  # id(item) -> (FramePlan, index among the usable samples: its random streams, data cfg)
     skipped: list[str]
     samples: int  # listed in all
+    dataset: list[str] = field(default_factory=list)  # each item's dataset name
+    repeats: list[int] = field(default_factory=list)  # how often each item appears per epoch
 
 
 def plan_data(facts, cfg, check_size=None) -> PlannedData:
     """The one planning path of training, `data cache` and `data preview`: frame selection, bucket and caption of
-    every clip, with the random windows and crops drawn from (seed, clip)."""
-    d = cfg.data
-    frames, resolutions = _frame_options(cfg, facts)
-    for h, w in resolutions:
-        if check_size is not None:
-            check_size(frames[0], h, w)
-    samples = load_dataset(d.root, strict=False)
-    if not facts.i2v:  # an optional image list (images.txt, an image column) is for I2V models only
-        samples = [without_images(s) for s in samples]
-    skipped = [f"{s.listed or s.video}: {problem_text(s.problems[0])}" for s in samples if s.problems]
-    usable = [s for s in samples if not s.problems]
+    every clip of every dataset, with the random windows and crops drawn from (seed, clip)."""
+    fill_native_shape(cfg, facts)  # frames/height/width left unset: the model's native shape
+    out = PlannedData([], [], {}, [], 0)
+    offset = 0  # clips are numbered across datasets: the first dataset's numbers are those of a single data.root
+    for name, d, repeats in cfg.data.entries():
+        sub = cfg.model_copy(update={"data": d})
+        frames, resolutions = _frame_options(sub, facts)
+        for h, w in resolutions:
+            if check_size is not None:
+                check_size(frames[0], h, w)
+        samples = load_dataset(d.root, strict=False)
+        if not facts.i2v:  # an optional image list (images.txt, an image column) is for I2V models only
+            samples = [without_images(s) for s in samples]
+        out.skipped += [f"{s.listed or s.video}: {problem_text(s.problems[0])}" for s in samples if s.problems]
+        usable = [s for s in samples if not s.problems]
 
-    def plan(i_s):
-        i, s = i_s
-        try:
-            return plan_sample(s, cfg, facts, frames, resolutions, _rng(cfg.seed, i))
-        except CogtuneError as e:
-            return None, str(e)
+        def plan(i_s, sub=sub, frames=frames, resolutions=resolutions):
+            i, s = i_s
+            try:
+                return plan_sample(s, sub, facts, frames, resolutions, _rng(cfg.seed, i))
+            except CogtuneError as e:
+                return None, str(e)
 
-    with ThreadPoolExecutor(max(1, d.num_workers)) as pool:
-        planned = list(pool.map(plan, enumerate(usable)))
-    out = PlannedData([], [], {}, skipped, len(samples))
-    for i, (s, (bucket, why)) in enumerate(zip(usable, planned)):
-        name = s.listed or str(s.video)
-        if bucket is None:
-            skipped.append(f"{name}: {problem_text(why) if why else 'unusable'}")
-            continue
-        h, w, f = bucket
-        image = str(s.image) if facts.i2v and s.image is not None else None  # else: the first frame conditions
-        caption = with_trigger(s.caption, d.trigger)
-        item = CacheItem(str(s.video), caption, {"frames": f, "height": h, "width": w}, s.start, s.end, image)
-        out.plans[id(item)] = (why, i)
-        out.items.append(item)
-        out.listed.append(name)
+        with ThreadPoolExecutor(max(1, d.num_workers)) as pool:
+            planned = list(pool.map(plan, enumerate(usable, start=offset)))
+        for i, (s, (bucket, why)) in enumerate(zip(usable, planned), start=offset):
+            listed = s.listed or str(s.video)
+            if bucket is None:
+                out.skipped.append(f"{listed}: {problem_text(why) if why else 'unusable'}")
+                continue
+            h, w, f = bucket
+            image = str(s.image) if facts.i2v and s.image is not None else None  # else: the first frame conditions
+            item = CacheItem(str(s.video), with_trigger(s.caption, d.trigger), {"frames": f, "height": h, "width": w},
+                             s.start, s.end, image)
+            out.plans[id(item)] = (why, i)
+            out.items.append(item)
+            out.listed.append(listed)
+            out.dataset.append(name)
+            out.repeats.append(repeats)
+        offset += len(usable)
+        out.samples += len(samples)
     if not out.items:
-        raise CogtuneError(f"no usable clips in {d.root}: all {len(samples)} were skipped "
-                           f"(first: {skipped[0] if skipped else 'none listed'}); run `cogtune data check {d.root}`")
+        where = cfg.data.root or ", ".join(str(e.root) for e in cfg.data.datasets)
+        raise CogtuneError(f"no usable clips in {where}: all {out.samples} were skipped (first: "
+                           f"{out.skipped[0] if out.skipped else 'none listed'}); run `cogtune data check {where}`")
     return out
 
 
@@ -193,8 +210,8 @@ def load_planned(planned: PlannedData, item: CacheItem, cfg) -> torch.Tensor | d
 
 
 def prepare_data(spec, cfg, accelerator=None, progress: bool = True, on_planned=None) -> PreparedData:
-    """Plan every clip (frames, bucket), then encode what the cache lacks. `on_planned(buckets, skipped)` hears the
-    plan before any clip is encoded."""
+    """Plan every clip (frames, bucket), then encode what the cache lacks. `on_planned(buckets, skipped, dataset
+    names, repeats)` hears the plan before any clip is encoded."""
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     d = cfg.data
@@ -205,7 +222,8 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True, on_planned=
         return load_planned(planned, item, cfg)
 
     if on_planned is not None:
-        on_planned([(it.settings["height"], it.settings["width"], it.settings["frames"]) for it in items], skipped)
+        on_planned([(it.settings["height"], it.settings["width"], it.settings["frames"]) for it in items], skipped,
+                   planned.dataset, planned.repeats)
     cache = LatentCache(cache_root(cfg), video_fingerprint(spec, cfg), text_fingerprint(spec))
     report = cache.build(items, load_video, spec.encode_videos, spec.encode_prompts, rank=rank, world_size=world,
                          progress=progress and rank == 0)
@@ -229,13 +247,14 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True, on_planned=
             accelerator.wait_for_everyone()
         dataset.empty_prompt = cache.prompt("")
     buckets = [(items[i].settings["height"], items[i].settings["width"], items[i].settings["frames"]) for i in ready]
-    return PreparedData(dataset, buckets, skipped, report)
+    order = [j for j, i in enumerate(ready) for _ in range(planned.repeats[i])]
+    return PreparedData(dataset, buckets, skipped, report, [planned.dataset[i] for i in ready], order)
 
 
 def cache_root(cfg) -> Path:
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir)
-    root = Path(cfg.data.root)
+    root = cfg.data.first_root
     folder = root if root.is_dir() else root.parent
     if os.access(folder, os.W_OK):
         return folder / ".cogtune_cache"

@@ -219,7 +219,8 @@ def drop_captions(batch: dict, empty: dict[str, torch.Tensor], p: float, seed: i
 
 
 def load_batch(run: Run, indices: list[int]) -> dict:
-    return collate([run.data.dataset[i] for i in indices], run.accelerator.device)
+    """`indices` are the sampler's: positions in data.order (a dataset's repeats appear several times there)."""
+    return collate([run.data.dataset[run.data.order[i]] for i in indices], run.accelerator.device)
 
 
 def log_step(run: Run, bar, done: StepDone, t0: float) -> None:

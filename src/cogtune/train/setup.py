@@ -80,9 +80,10 @@ def check_before_loading(cfg: TrainConfig):
     """The model-vs-config rules, from the folder's configs alone, before any process group or weight."""
     facts = resolve_variant(cfg.model.path, cfg.model.variant)
     fill_native_shape(cfg, facts)
-    problem = facts.check_size(cfg.data.frames, cfg.data.height, cfg.data.width)
-    if problem:
-        raise CogtuneError(problem)
+    for name, d, _ in cfg.data.entries():  # every dataset's own frames and size
+        problem = facts.check_size(d.frames, d.height, d.width)
+        if problem:
+            raise CogtuneError(problem if cfg.data.root is not None else f"data.datasets ({name}): {problem}")
     if cfg.method == "lora":  # a name that matches nothing (or a LayerNorm): one line now, not after caching
         from .lora import check_targets
 
@@ -187,10 +188,11 @@ def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
     if accelerator.is_main_process:  # lines where the bar does not move for a while
         tqdm.write(f"loading {facts.name} from {cfg.model.path}")
     spec = load_model(cfg, device, facts)
-    def planned(buckets: list, skipped: list) -> None:  # said before any clip is encoded
+    def planned(buckets: list, skipped: list, names: list, repeats: list) -> None:  # before any clip is encoded
         if accelerator.is_main_process:
             held = len(holdout_indices(len(buckets), cfg.validation.holdout, cfg.seed)) if buckets else 0
-            tqdm.write(data_summary(cfg, spec.variant_name, buckets, len(skipped), world, resume_from, native, held))
+            tqdm.write(data_summary(cfg, spec.variant_name, buckets, len(skipped), world, resume_from, native, held,
+                                    names, repeats))
 
     data = prepare_data(spec, cfg, accelerator, on_planned=planned)
     validator = make_validator(spec, cfg)
@@ -209,7 +211,8 @@ def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
     transformer.train()
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
 
-    trained = [None if i in set(held) else b for i, b in enumerate(data.buckets)]  # None: never sampled
+    held_set = set(held)
+    trained = [None if i in held_set else data.buckets[i] for i in data.order]  # None: never sampled
     sampler = BucketBatchSampler(trained, cfg.batch_size, cfg.seed, accelerator.process_index, world,
                                  drop_last=False)
     sharded = (model, optimizer.optimizer, lr_scheduler) if cfg.distributed.strategy == "fsdp2" else None
