@@ -60,8 +60,8 @@ def rows(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[s
         ann = field.annotation
         section = next((a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)),
                        None)
-        if section is not None:
-            out += rows(section, f"{prefix}{name}.")
+        if section is not None:  # a list of sections (data.datasets) shows its entries' keys as name[].key
+            out += rows(section, f"{prefix}{name}{'[]' if typing.get_origin(ann) is list else ''}.")
             continue
         default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
         out.append((prefix + name, _type_name(ann), default, notes.get(name, "")))
