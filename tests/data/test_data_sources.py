@@ -151,3 +151,15 @@ def test_csv_with_semicolons_or_tabs(root: Path, delimiter: str) -> None:
         w.writerows({"video": v, "caption": c} for v, c in CLIPS.items())  # one caption holds a comma
     samples = load_dataset(root / "metadata.csv")
     assert pairs(samples) == expected and all(s.ok for s in samples)
+
+
+def test_jsonl_captions_that_are_lists_are_joined_or_refused(root: Path) -> None:
+    videos = list(CLIPS)
+    rows = [{"video": videos[0], "caption": ["a red circle", " moving left ", ""]},  # tags: joined with ", "
+            {"video": videos[1], "caption": {"en": "a square"}},
+            {"video": videos[2], "caption": ["a cat", 3]}]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+    samples = load_dataset(root / "metadata.jsonl", strict=False)
+    assert samples[0].ok and samples[0].caption == "a red circle, moving left"
+    assert [p.split(":")[0] for p in samples[1].problems] == ["bad-row"] and "dict of fields" in samples[1].problems[0]
+    assert [p.split(":")[0] for p in samples[2].problems] == ["bad-row"] and "non-text values" in samples[2].problems[0]

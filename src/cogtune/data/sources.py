@@ -211,11 +211,18 @@ def _table_sample(row: dict[Any, Any], where: str, folder: Path, check_exists: b
     if caption is None:
         problems.append(f"no-caption: {where} has no caption; fill in its 'caption' column")
         caption = ""
+    if isinstance(caption, list) and all(isinstance(c, str) for c in caption):
+        caption = ", ".join(c.strip() for c in caption if c.strip())  # a list of tags or phrases: joined
+    elif isinstance(caption, (list, dict)):
+        problems.append(f"bad-row: {where} has a caption that is a {type(caption).__name__} of "
+                        f"{'non-text values' if isinstance(caption, list) else 'fields'}; give a text or a list of "
+                        "texts (joined with ', ')")
+        caption = ""
     caption = str(caption).strip()
     if any("\udc80" <= ch <= "\udcff" for ch in caption):  # bytes that were not UTF-8 (surrogateescape)
         problems.append(f"caption-encoding: {where}: the caption is not valid UTF-8; save the table as UTF-8")
         caption = caption.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    elif not caption and not any(p.startswith("no-caption") for p in problems):
+    elif not caption and not any(p.startswith(("no-caption", "bad-row")) for p in problems):
         problems.append(f"empty-caption: {where} has an empty caption; write one or remove the row")
     image_rel = str(row.get("image") or "").strip()
     image = _resolve(folder, image_rel) if image_rel else None
