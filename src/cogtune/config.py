@@ -113,6 +113,7 @@ class DatasetConfig(_Section):
     width: int | None = Field(None, ge=16, le=8192)
     buckets: BucketConfig | None = None
     trigger: str | None = Field(None, min_length=1, max_length=200)
+    heldout: bool = False  # the held-out set: never trained on, its loss is heldout_loss (validation.holdout: 0)
 
     _sizes = field_validator("height", "width")(_multiple_of_16)
 
@@ -155,7 +156,13 @@ class DataConfig(_Section):
         if (self.root is None) == (not self.datasets):
             raise ValueError("give data.root (one dataset) or data.datasets (several), " +
                              ("not both" if self.root is not None else "one of them"))
+        if self.datasets and all(e.heldout for e in self.datasets):
+            raise ValueError("every entry of data.datasets is heldout: at least one must be trained on")
         return self
+
+    def heldout_names(self) -> set[str]:
+        """The datasets set aside as the held-out set (data.datasets[].heldout)."""
+        return {name for (name, _, _), e in zip(self.entries(), self.datasets) if e.heldout}
 
     def entries(self) -> list[tuple[str, "DataConfig", int]]:
         """(name, the data settings of its clips, repeats) of every dataset; data.root alone is one of them."""

@@ -93,3 +93,23 @@ def test_root_and_datasets_are_one_or_the_other(tiny_model, split):
         load_config(None, base={"model": {"path": "m"}, "data": {"root": "x", "datasets": [{"root": "y"}]}})
     with pytest.raises(CogtuneError, match="one of them"):
         load_config(None, base={"model": {"path": "m"}, "data": {}})
+
+
+@pytest.mark.slow
+def test_a_heldout_dataset_is_never_trained_on(tiny_model, split, tmp_path):
+    from cogtune.train.metrics import read_metrics
+
+    root, _ = split
+    sets = [{"root": str(root / "a"), "frames": 17}, {"root": str(root / "b"), "name": "style", "heldout": True}]
+    held = _config(tiny_model(), root, tmp_path / "held", validation={"heldout_loss": True})
+    held.data.datasets = load_config(None, base={"model": {"path": "m"}, "data": {"datasets": sets}}).data.datasets
+    train(held)
+    rows = read_metrics(tmp_path / "held" / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "heldout_loss" in r] == [0, 4]
+    alone = _config(tiny_model(), root, tmp_path / "alone")
+    alone.data.datasets = alone.data.datasets[:1]  # dataset a only: what the held-out run may train on
+    train(alone)
+    a = load_file(str(tmp_path / "held" / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "alone" / "lora" / "pytorch_lora_weights.safetensors"))
+    for k in a:  # the same clips in the same order through the same code: equal to float round-off
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -169,6 +169,17 @@ def load_model(cfg: TrainConfig, device, facts):
     return spec
 
 
+def held_out(cfg: TrainConfig, names: list[str]) -> list[int]:
+    """The clips never trained on: those of the datasets marked heldout, or validation.holdout of them all."""
+    sets = cfg.data.heldout_names() if cfg.data.datasets else set()
+    if sets:
+        if cfg.validation.holdout:
+            raise CogtuneError("validation.holdout and a heldout dataset (data.datasets[].heldout) both set the "
+                               "held-out clips: keep one")
+        return [i for i, n in enumerate(names) if n in sets]
+    return holdout_indices(len(names), cfg.validation.holdout, cfg.seed)
+
+
 def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
     native = [k for k in ("frames", "height", "width") if getattr(cfg.data, k) is None]
     facts = check_before_loading(cfg)  # fills those with the model's native shape
@@ -190,14 +201,14 @@ def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
     spec = load_model(cfg, device, facts)
     def planned(buckets: list, skipped: list, names: list, repeats: list) -> None:  # before any clip is encoded
         if accelerator.is_main_process:
-            held = len(holdout_indices(len(buckets), cfg.validation.holdout, cfg.seed)) if buckets else 0
+            held = len(held_out(cfg, names))
             tqdm.write(data_summary(cfg, spec.variant_name, buckets, len(skipped), world, resume_from, native, held,
                                     names, repeats))
 
     data = prepare_data(spec, cfg, accelerator, on_planned=planned)
     validator = make_validator(spec, cfg)
     params = prepare_model(spec, cfg, device)
-    held = holdout_indices(len(data.dataset), cfg.validation.holdout, cfg.seed)
+    held = held_out(cfg, data.names)
     if accelerator.is_main_process:
         tqdm.write(model_summary(cfg, spec.variant_name, spec.transformer, device))
     optimizer = make_optimizer(params, cfg.optimizer, cfg.memory.optimizer_in_backward)
