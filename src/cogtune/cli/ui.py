@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,12 +20,25 @@ def _run(args) -> None:
         print(f"warning: listening on {args.host}: anyone who can reach it can run jobs and read model folders",
               file=sys.stderr)
     print(f"cogtune ui at {server.url} (outputs in {Path(args.out_dir).resolve()}); Ctrl-C stops it", flush=True)
+
+    def stop(signum, frame):  # Ctrl-C or a service manager's SIGTERM, whatever a library set meanwhile
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("stopped")
+        print("stopped", flush=True)
     finally:
         server.server_close()
+    # a job still running would keep the interpreter from exiting (its torch threads): stop now, and leave no
+    # half-written video behind (finished ones were renamed into place)
+    for tmp in Path(args.out_dir).glob(".*.tmp.*"):
+        tmp.unlink(missing_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def register(sub) -> None:
