@@ -45,6 +45,7 @@ def ui(tiny_model, tmp_path_factory):
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(30)
     out.close(), err.close()
+    assert proc.returncode == 0 and "stopped" in (root / "stdout").read_text()  # Ctrl-C ends it cleanly
 
 
 def request(port: int, method: str = "POST", path: str = "/api/generate", body: bytes = b"", token: str | None = None,
