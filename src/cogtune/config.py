@@ -115,6 +115,10 @@ class DatasetConfig(_Section):
     trigger: str | None = Field(None, min_length=1, max_length=200)
     heldout: bool = False  # the held-out set: never trained on, its loss is heldout_loss (validation.holdout: 0)
 
+    @property
+    def title(self) -> str:
+        return self.name or Path(self.root).resolve().name
+
     _sizes = field_validator("height", "width")(_multiple_of_16)
 
 
@@ -162,7 +166,7 @@ class DataConfig(_Section):
 
     def heldout_names(self) -> set[str]:
         """The datasets set aside as the held-out set (data.datasets[].heldout)."""
-        return {name for (name, _, _), e in zip(self.entries(), self.datasets) if e.heldout}
+        return {e.title for e in self.datasets if e.heldout}
 
     def entries(self) -> list[tuple[str, "DataConfig", int]]:
         """(name, the data settings of its clips, repeats) of every dataset; data.root alone is one of them."""
@@ -171,8 +175,7 @@ class DataConfig(_Section):
         out = []
         for e in self.datasets:
             update = {k: getattr(e, k) for k in DATASET_OVERRIDES if getattr(e, k) is not None}
-            out.append((e.name or Path(e.root).resolve().name, self.model_copy(update={"root": e.root, "datasets": [],
-                                                                                       **update}), e.repeats))
+            out.append((e.title, self.model_copy(update={"root": e.root, "datasets": [], **update}), e.repeats))
         return out
 
     @property

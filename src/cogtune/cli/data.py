@@ -62,22 +62,20 @@ def model_facts(model_cfg):
 def _check(args) -> None:
     from ..data.check import run_check
 
-    code = 0
+    runs = [args]
     if args.config and not args.root:
         from ..config import load_config
 
         data = load_config(args.config).data
         if data.datasets:  # every dataset with its own settings
-            for name, d, _ in data.entries():
-                print(f"dataset {name} ({d.root})")
-                one = argparse.Namespace(**{**vars(args), "root": str(d.root), "dataset": d,
-                                            "json": f"{args.json}.{name}.json" if args.json else None})
-                code = max(code, run_check(one))
-            if code:
-                sys.stdout.flush()
-                raise SystemExit(code)
-            return
-    code = run_check(args)
+            runs = [argparse.Namespace(**{**vars(args), "root": str(d.root), "dataset": d, "title": name,
+                                          "json": f"{args.json}.{name}.json" if args.json else None})
+                    for name, d, _ in data.entries()]
+    code = 0
+    for one in runs:
+        if getattr(one, "title", None):
+            print(f"dataset {one.title} ({one.root})")
+        code = max(code, run_check(one))
     if code:
         sys.stdout.flush()
         raise SystemExit(code)

@@ -49,9 +49,9 @@ class EMA:
             self.shadow = {}
             return
         state = load_file(str(file))
-        if set(state) - set(self.params):
-            raise CogtuneError(f"resume: {file} averages parameters this model does not train "
-                               f"(e.g. {sorted(set(state) - set(self.params))[0]})")
+        foreign = sorted(set(state) - set(self.params))
+        if foreign:
+            raise CogtuneError(f"resume: {file} averages parameters this model does not train (e.g. {foreign[0]})")
         self.shadow = {n: t.to(self.device or self.params[n].device) for n, t in state.items()}
 
     @contextmanager

@@ -11,6 +11,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,7 @@ class PlannedData:
     """Every usable clip with its bucket and frame plan, before anything is encoded."""
     items: list[CacheItem]
     listed: list[str]  # each item's path as the dataset lists it
-    plans: dict[int, tuple]  # id(item) -> (FramePlan, index among the usable samples: its random streams, data cfg)
+    plans: dict[int, tuple]  # id(item) -> (FramePlan, its number among the usable clips: its random streams)
     skipped: list[str]
     samples: int  # listed in all
     dataset: list[str] = field(default_factory=list)  # each item's dataset name
@@ -157,9 +158,8 @@ def plan_data(facts, cfg, check_size=None) -> PlannedData:
     for name, d, repeats in cfg.data.entries():
         sub = cfg.model_copy(update={"data": d})
         frames, resolutions = _frame_options(sub, facts)
-        for h, w in resolutions:
-            if check_size is not None:
-                check_size(frames[0], h, w)
+        for h, w in resolutions if check_size is not None else ():
+            check_size(frames[0], h, w)
         samples = load_dataset(d.root, strict=False)
         if not facts.i2v:  # an optional image list (images.txt, an image column) is for I2V models only
             samples = [without_images(s) for s in samples]
@@ -217,10 +217,7 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True, on_planned=
     d = cfg.data
     planned = plan_data(spec.facts, cfg, spec.check_size)
     items, listed, skipped = planned.items, planned.listed, planned.skipped
-
-    def load_video(item: CacheItem) -> torch.Tensor | dict:
-        return load_planned(planned, item, cfg)
-
+    load_video = partial(load_planned, planned, cfg=cfg)
     if on_planned is not None:
         on_planned([(it.settings["height"], it.settings["width"], it.settings["frames"]) for it in items], skipped,
                    planned.dataset, planned.repeats)

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from ..config import TrainConfig, fill_native_shape
+from ..config import TrainConfig
 from ..data.video import to_uint8_frames, write_mp4
 from ..errors import CogtuneError
 from ..files import write_text_atomic
@@ -37,7 +37,6 @@ def _name(n: int, listed: str, start, end) -> str:
 def write_preview(cfg: TrainConfig, out: str | Path, clips: int | None = 8) -> Path:
     """Writes into `out` (created; an existing index.json there is replaced) and returns the index path."""
     facts = resolve_variant(cfg.model.path, cfg.model.variant, weights=False)
-    fill_native_shape(cfg, facts)
     planned = plan_data(facts, cfg, lambda f, h, w: _refuse(facts.check_size(f, h, w)))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

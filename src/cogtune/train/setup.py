@@ -171,7 +171,7 @@ def load_model(cfg: TrainConfig, device, facts):
 
 def held_out(cfg: TrainConfig, names: list[str]) -> list[int]:
     """The clips never trained on: those of the datasets marked heldout, or validation.holdout of them all."""
-    sets = cfg.data.heldout_names() if cfg.data.datasets else set()
+    sets = cfg.data.heldout_names()
     if sets:
         if cfg.validation.holdout:
             raise CogtuneError("validation.holdout and a heldout dataset (data.datasets[].heldout) both set the "

@@ -15,13 +15,18 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _shapes(buckets: list) -> str:
+    """'frames×height×width: clips' per bucket, the fullest first."""
+    counts = Counter(buckets)
+    return ", ".join(f"{f}×{h}×{w}: {n}" for (h, w, f), n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def data_summary(cfg, variant: str, buckets: list, skipped: int, world: int, resume_from=None,
                  native: list[str] = (), held: int = 0, names: list[str] = (), repeats: list[int] = ()) -> str:
     """The data, steps and output lines, said once the clips are planned and before any is encoded (a wrong size
     shows before hours of caching). `buckets`: (height, width, frames) of each planned clip; `native`: which of
     data.frames/height/width were unset and took the model's native value; `held`: clips set aside."""
-    counts = Counter(buckets)
-    shapes = ", ".join(f"{f}×{h}×{w}: {n}" for (h, w, f), n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    shapes = _shapes(buckets)
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
     per_epoch = sum(repeats) if repeats else len(buckets)
     epochs = cfg.max_steps * per_step / max(per_epoch - held, 1)
@@ -35,9 +40,8 @@ def data_summary(cfg, variant: str, buckets: list, skipped: int, world: int, res
         for name in dict.fromkeys(names):
             n = sum(1 for x in names if x == name)
             r = next(r for x, r in zip(names, repeats) if x == name)
-            shapes_of = Counter(b for b, x in zip(buckets, names) if x == name)
-            sets.append(f"{name}: {n} clips" + (f" ×{r}" if r > 1 else "") + " ("
-                        + ", ".join(f"{f}×{h}×{w}: {k}" for (h, w, f), k in shapes_of.items()) + ")")
+            sets.append(f"{name}: {n} clips" + (f" ×{r}" if r > 1 else "")
+                        + f" ({_shapes([b for b, x in zip(buckets, names) if x == name])})")
     return "\n".join(([f"datasets {'; '.join(sets)}"] if sets else []) + [
         f"data    {len(buckets)} clips planned, {skipped} skipped; frames×height×width: {shapes}"
         + (f" ({variant}'s native {'/'.join(native)}: data.{', data.'.join(native)} not set)" if native else "")
