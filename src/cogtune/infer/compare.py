@@ -103,12 +103,14 @@ def comparison_sheet(videos: Sequence[np.ndarray], labels: Sequence[str], path: 
 
 
 def compare_videos(pipe, settings: Settings, loras: Sequence[LoraSpec], on_run: RunCallback | None = None,
-                   on_step: StepCallback | None = None, progress: bool = True) -> tuple[list[np.ndarray], list[str]]:
-    """uint8 clips and labels of `comparison_runs(loras)` from a pipeline that has `loras` loaded (unfused)."""
+                   on_step: StepCallback | None = None, progress: bool = True,
+                   runs: Sequence[tuple[str, list[LoraSpec]]] | None = None) -> tuple[list[np.ndarray], list[str]]:
+    """uint8 clips and labels of `runs` (default `comparison_runs(loras)`) from a pipeline that has `loras` loaded
+    (unfused)."""
     if not loras:
         raise CogtuneError("--compare needs at least one --lora to compare with the base model")
     embeds = encode_prompt(pipe, settings)
-    runs = comparison_runs(loras)
+    runs = comparison_runs(loras) if runs is None else runs
     videos, labels = [], []
     try:
         for i, (label, active) in enumerate(runs):

@@ -154,7 +154,6 @@ def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype:
     """
     from diffusers import DiffusionPipeline
 
-    from ..export.lora_formats import load_lora_into_pipeline
     from ..export.lora_compat import check_lora_compat
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -173,10 +172,7 @@ def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype:
     quiet_libraries()
     pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True,
                                              use_safetensors=True)
-    with warnings.catch_warnings():  # peft warns on every adapter after the first; several are what we want here
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        for lora in loras:
-            load_lora_into_pipeline(pipe, lora.path, lora.name)
+    load_adapters(pipe, loras)
     activate_adapters(pipe, loras)
     if fuse and loras:
         pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[l.name for l in loras])
@@ -192,6 +188,16 @@ def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype:
             log("note: --cpu-offload needs CUDA; ignored on the CPU")
         pipe.to(device or ("cuda" if cuda else "cpu"))
     return pipe
+
+
+def load_adapters(pipe, loras: Sequence[LoraSpec]) -> None:
+    """Load `loras` into `pipe` as named adapters (check each with `check_lora_compat` first)."""
+    from ..export.lora_formats import load_lora_into_pipeline
+
+    with warnings.catch_warnings():  # peft warns on every adapter after the first; several are what we want here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        for lora in loras:
+            load_lora_into_pipeline(pipe, lora.path, lora.name)
 
 
 def load_image(path: str | Path, height: int, width: int):
