@@ -1,5 +1,8 @@
 """`cogtune data check`: look at every clip of a dataset and report what would go wrong. Knows no model.
 
+A still image listed as a sample is decoded whole (a corrupt or truncated one is `corrupt`, a file that is no image
+`unreadable`) and needs no frame count: it trains as one frame.
+
 Each problem is "keyword: message" with a stable keyword. Clips with an UNUSABLE keyword are skipped by training;
 the others load but deserve a look (duplicates, variable frame rate, rotation, unusual pixel format, odd sizes,
 upscaling). `span` is the share of the clip (or its start/end segment) the chosen frames cover: a caption that
@@ -26,7 +29,7 @@ from cogtune.errors import CogtuneError, display_path
 
 UNUSABLE = {"missing", "missing-image", "bad-image", "no-caption", "empty-caption", "caption-encoding", "bad-time",
             "bad-row", "list-mismatch", "empty", "unreadable", "audio-only", "no-video", "zero-frames", "truncated",
-            "corrupt", "too-short", "too-slow", "unknown-fps"}
+            "corrupt", "too-short", "too-slow", "unknown-fps", "thumbnail"}
 NORMAL_PIX_FMTS = ("yuv420p", "yuvj420p")
 _VFR_TOLERANCE = 0.1  # packet spacing may vary this much (relative) before a stream counts as variable rate
 
@@ -46,6 +49,7 @@ class ClipReport:
     height: int | None = None
     pix_fmt: str | None = None
     used_frames: int | None = None
+    kind: str = "video"  # or "image": a still image listed as a sample (one frame)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,7 +185,18 @@ def _file_hash(path: Path) -> str:
 
 def _check_one(sample: Sample, settings: dict[str, Any], decode: bool, seed: int) -> ClipReport:
     report = ClipReport(sample.listed or sample.where or str(sample.video), ok=False, problems=list(sample.problems),
-                        video=str(sample.video))
+                        video=str(sample.video), kind="image" if sample.is_image else "video")
+    if sample.is_image:  # one frame: no frame plan, no frame rule (training gives it a bucket of 1 frame)
+        if sample.listed and sample.video.is_file():
+            from cogtune.data.image import inspect_image
+
+            facts, problems = inspect_image(sample.video)
+            report.problems += problems
+            for key, value in facts.items():
+                setattr(report, key, value)
+            if facts:
+                report.span, report.used_frames = 1.0, 1
+        return report
     if sample.listed and sample.video.is_file():
         try:
             facts, problems = inspect_video(sample.video, decode)
@@ -306,7 +321,9 @@ def summary(reports: list[ClipReport]) -> str:
     clips = [r for r in reports if r.video]
     bad = sum(not r.ok for r in clips)
     unusable = sum(not r.usable for r in clips)
-    line = f"{len(clips)} clips: {len(clips) - bad} ok, {bad} with problems ({unusable} unusable)"
+    images = sum(r.kind == "image" for r in clips)
+    line = (f"{len(clips)} clips{f' ({images} of them images)' if images else ''}: {len(clips) - bad} ok, {bad} "
+            f"with problems ({unusable} unusable)")
     dataset = sum(not r.video for r in reports)
     return line + (f"; {dataset} dataset-level problems" if dataset else "")
 
