@@ -99,3 +99,16 @@ def test_preview_writes_an_image_as_its_one_frame(tiny_model, stills, tmp_path):
     assert [(c["listed"], c["bucket"], c["source_frames"], c["kind"]) for c in index["clips"]] == [
         (n, [1, 32, 48], [0], "image") for n in ("big.webp", "tall.jpg", "wide.png")]
     assert all((tmp_path / "p" / f"{c['name']}.png").is_file() for c in index["clips"])
+
+
+def test_data_check_with_the_config_flags_images_its_model_refuses(tiny_model, stills, tmp_path, capsys):
+    tree = {"model": {"path": str(tiny_model("cogvideox-5b-i2v"))}, "data": {"root": str(stills)}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["data", "check", "--config", str(tmp_path / "run.yaml"), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("no-stills: cogvideox-5b-i2v takes no still images") == 3
+    assert "3 clips (3 of them images): 0 ok, 3 with problems (3 unusable)" in out
+    tree["model"]["path"] = str(tiny_model())  # a model that takes them
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["data", "check", "--config", str(tmp_path / "run.yaml"), "--workers", "1"]) == 0
+    assert "no-stills" not in capsys.readouterr().out
