@@ -123,3 +123,18 @@ def test_1_5_pads_one_latent_frame_as_the_pipeline_pads_num_frames_1(tiny_model,
     _close(x0[:, 1:], image_latent, "1.5 image latent after the padding")
     assert torch.equal(x0[:, :1], x0[:, 1:])
     assert isinstance(spec.pipe, CogVideoXPipeline)
+
+
+def test_wan_trains_an_image_as_the_one_latent_frame_of_num_frames_1(tiny_model, png, tmp_path):
+    """Wan's VAE compresses time 4× with the first frame alone (4N+1 frames): 1 frame is 1 latent frame, unpadded."""
+    from diffusers import WanPipeline
+
+    spec, batch = _cached(tiny_model("wan2.1-t2v-1.3b"), png[0], tmp_path)
+    pipe = WanPipeline(**spec.pipe.components)
+    stock = pipeline_inputs(pipe, prompt_embeds=batch["prompt_embeds"], num_frames=1, height=32, width=48,
+                            generator=torch.Generator().manual_seed(0))
+    ours = _training_inputs(spec, batch, 5, torch.tensor([0.5]))
+    assert ours["hidden_states"].shape == stock["hidden_states"].shape == (1, 16, 1, 4, 6)
+    mean, logvar = _vae_latents(pipe, png[1])
+    _close(batch["latent_mean"], mean, "wan latent mean")
+    _close(batch["latent_logvar"], logvar, "wan latent logvar")
