@@ -4,6 +4,8 @@ same pixels of a video frame would, and `data check` reports the broken and unca
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from fractions import Fraction
 
 import av
@@ -16,6 +18,10 @@ from cogtune.cli import main
 from cogtune.data.frames import FramePlan
 from cogtune.data.sources import read_dataset
 from cogtune.data.video import decode_plan, probe, write_mp4
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
 
 RGB = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
 
@@ -93,6 +99,10 @@ def test_data_check_reports_the_corrupt_and_the_uncaptioned_image(tmp_path, caps
     (folder / "notes.jpg").write_bytes(b"not an image at all")
     (folder / "notes.txt").write_text("garbage\n")
     Image.fromarray(RGB).save(folder / "lonely.webp")  # no caption beside it
+    bomb = folder / "bomb.png"  # a header claiming 3.6 gigapixels: refused from the header, never decoded
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+                     + _chunk(b"IEND", b""))
+    (folder / "bomb.txt").write_text("huge\n")
     with pytest.raises(SystemExit) as exit:
         main(["data", "check", str(folder), "--json", str(tmp_path / "r.json"), "--workers", "1",
               "--height", "32", "--width", "48", "--strict"])
@@ -103,12 +113,13 @@ def test_data_check_reports_the_corrupt_and_the_uncaptioned_image(tmp_path, caps
     assert [p.split(":")[0] for p in report["broken.png"]["problems"]] == ["corrupt"]
     assert [p.split(":")[0] for p in report["notes.jpg"]["problems"]] == ["unreadable"]
     assert [p.split(":")[0] for p in report["lonely.webp"]["problems"]] == ["no-caption"]
-    assert not any(report[n]["usable"] for n in ("broken.png", "notes.jpg", "lonely.webp"))
+    assert report["bomb.png"]["problems"] == ["unreadable: too many pixels to decode safely; scale the image down"]
+    assert not any(report[n]["usable"] for n in ("broken.png", "notes.jpg", "lonely.webp", "bomb.png"))
     for name in ("a.png", "b.jpg", "c.webp"):
         r = report[name]
         assert r["ok"] and (r["kind"], r["frames"], r["used_frames"], r["width"], r["height"]) == (
             "image", 1, 1, 70, 50), name
-    assert "6 clips (6 of them images): 3 ok, 3 with problems (3 unusable)" in out
+    assert "7 clips (7 of them images): 3 ok, 4 with problems (4 unusable)" in out
 
 
 def test_a_short_video_is_still_flagged(tmp_path, capsys):

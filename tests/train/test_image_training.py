@@ -112,3 +112,14 @@ def test_data_check_with_the_config_flags_images_its_model_refuses(tiny_model, s
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
     assert main(["data", "check", "--config", str(tmp_path / "run.yaml"), "--workers", "1"]) == 0
     assert "no-stills" not in capsys.readouterr().out
+
+
+def test_a_broken_image_is_skipped_with_its_reason_not_a_crash(tiny_model, tmp_path):
+    folder = write_stills(tmp_path / "stills")
+    (folder / "cut.png").write_bytes((folder / "wide.png").read_bytes()[:150])  # header fine, pixels cut short
+    (folder / "cut.txt").write_text("cut short\n")
+    cfg = load_config(None, base={"model": {"path": str(tiny_model())}, "output_dir": str(tmp_path / "run"),
+                                  "data": {"root": str(folder), "cache_dir": str(tmp_path / "c")}})
+    data = prepare_data(load_spec(cfg.model.path), cfg, progress=False)
+    assert len(data.buckets) == 3
+    assert [s.split(":")[0] for s in data.skipped] == ["cut.png"] and "not a readable image" in data.skipped[0]

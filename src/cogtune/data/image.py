@@ -54,11 +54,20 @@ def probe_image(path: PathLike) -> ImageInfo:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
-                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn by 90 degrees
+                if _orientation(img) in (5, 6, 7, 8):  # EXIF orientations that turn by 90 degrees
                     w, h = h, w
                 return ImageInfo(w, h, img.mode, img.format or "")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, Unidentified, ValueError) as e:
         raise _refusal(path, e) from None
+
+
+def _orientation(img) -> int:
+    """The EXIF orientation (1: upright); a file whose metadata does not read counts as upright here (decoding its
+    pixels reports it)."""
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except (OSError, ValueError, TypeError, SyntaxError):
+        return 1
 
 
 def read_rgb(path: PathLike) -> np.ndarray:
@@ -98,13 +107,14 @@ def inspect_image(path: PathLike) -> tuple[dict[str, Any], list[str]]:
     """`data check` for an image sample -> (facts, problems); never raises for a bad file. The pixels are decoded
     whole, so a truncated or corrupt file is found here, not hours into training."""
     facts: dict[str, Any] = {}
-    try:
+    try:  # a header that does not open (no image, too many pixels) is unreadable; pixels that do not decode, corrupt
         info = probe_image(path)
+    except CogtuneError as e:
+        return facts, [f"unreadable: {str(e).split(': ', 1)[-1]}"]
+    try:
         rgb = read_rgb(path)
     except CogtuneError as e:
-        text = str(e).split(": ", 1)[-1]
-        keyword = "unreadable" if "not a readable image" in text and "truncated" not in text else "corrupt"
-        return facts, [f"{keyword}: {text}"]
+        return facts, [f"corrupt: {str(e).split(': ', 1)[-1]}"]
     facts.update(width=rgb.shape[1], height=rgb.shape[0], pix_fmt=info.mode, frames=1)
     problems = []
     if info.mode not in ("RGB", "L", "P", "RGBA", "LA", "PA"):
