@@ -114,12 +114,18 @@ def test_data_check_with_the_config_flags_images_its_model_refuses(tiny_model, s
     assert "no-stills" not in capsys.readouterr().out
 
 
-def test_a_broken_image_is_skipped_with_its_reason_not_a_crash(tiny_model, tmp_path):
+def test_a_broken_image_and_a_one_frame_video_are_skipped_with_their_reasons(tiny_model, tmp_path):
+    from cogtune.data.video import write_mp4
+
     folder = write_stills(tmp_path / "stills")
     (folder / "cut.png").write_bytes((folder / "wide.png").read_bytes()[:150])  # header fine, pixels cut short
     (folder / "cut.txt").write_text("cut short\n")
+    write_mp4(np.zeros((1, 32, 48, 3), np.uint8), folder / "one.mp4", 8)  # one frame is the images' rule only
+    (folder / "one.txt").write_text("a one-frame video\n")
     cfg = load_config(None, base={"model": {"path": str(tiny_model())}, "output_dir": str(tmp_path / "run"),
                                   "data": {"root": str(folder), "cache_dir": str(tmp_path / "c")}})
     data = prepare_data(load_spec(cfg.model.path), cfg, progress=False)
-    assert len(data.buckets) == 3
-    assert [s.split(":")[0] for s in data.skipped] == ["cut.png"] and "not a readable image" in data.skipped[0]
+    assert data.buckets == [(32, 48, 1)] * 3
+    skipped = dict(s.split(": ", 1) for s in data.skipped)
+    assert skipped["one.mp4"].startswith("clip has 1 frames but 9 are needed")
+    assert "not a readable image" in skipped["cut.png"]
