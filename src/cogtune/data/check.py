@@ -1,7 +1,8 @@
 """`cogtune data check`: look at every clip of a dataset and report what would go wrong. Knows no model.
 
-A still image listed as a sample is decoded whole (a corrupt or truncated one is `corrupt`, a file that is no image
-`unreadable`) and needs no frame count: it trains as one frame.
+A still image listed as a sample is decoded whole (one whose header does not open, not an image or too many pixels,
+is `unreadable`; one whose pixels do not decode, truncated or damaged, `corrupt`) and needs no frame count: it
+trains as one frame.
 
 Each problem is "keyword: message" with a stable keyword. Clips with an UNUSABLE keyword are skipped by training;
 the others load but deserve a look (duplicates, variable frame rate, rotation, unusual pixel format, odd sizes,

@@ -48,7 +48,7 @@ def _refusal(path: PathLike, e: BaseException) -> CogtuneError:
 
 def probe_image(path: PathLike) -> ImageInfo:
     """The header of an image (no pixel decode): its displayed size, mode and format. CogtuneError if unreadable."""
-    Image, _, Unidentified = _pil()
+    Image, _, _ = _pil()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -57,7 +57,7 @@ def probe_image(path: PathLike) -> ImageInfo:
                 if _orientation(img) in (5, 6, 7, 8):  # EXIF orientations that turn by 90 degrees
                     w, h = h, w
                 return ImageInfo(w, h, img.mode, img.format or "")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, Unidentified, ValueError) as e:
+    except Exception as e:  # Pillow's plugins raise many kinds (SyntaxError, struct.error...) for bad files
         raise _refusal(path, e) from None
 
 
@@ -66,19 +66,19 @@ def _orientation(img) -> int:
     pixels reports it)."""
     try:
         return int(img.getexif().get(0x0112, 1))
-    except (OSError, ValueError, TypeError, SyntaxError):
+    except Exception:  # noqa: BLE001 (any failure to read metadata)
         return 1
 
 
 def read_rgb(path: PathLike) -> np.ndarray:
     """The whole image decoded, upright, as uint8 RGB [H, W, 3] (the first frame of an animated file)."""
-    Image, ImageOps, Unidentified = _pil()
+    Image, ImageOps, _ = _pil()
     try:
         with warnings.catch_warnings():  # Pillow only warns below twice its pixel limit; refuse there too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 return np.ascontiguousarray(np.array(ImageOps.exif_transpose(img).convert("RGB")))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, Unidentified, ValueError) as e:
+    except Exception as e:  # Pillow's plugins raise many kinds (SyntaxError, struct.error...) for bad files
         raise _refusal(path, e) from None
 
 
