@@ -46,8 +46,9 @@ def _preview(args) -> None:
 
 
 def model_facts(model_cfg):
-    """(fps, allowed frame counts, native (frames, height, width)) of a config's model for `data check`, or None
-    without a folder or variant (data/ knows no model: the command hands these in)."""
+    """(fps, allowed frame counts, native (frames, height, width), why it takes no still images or None) of a
+    config's model for `data check`, or None without a folder or variant (data/ knows no model: the command hands
+    these in)."""
     from ..models import get_variant, resolve_variant
 
     if os.path.exists(model_cfg.path):  # the folder's own configs decide; a model.variant must agree with them
@@ -56,7 +57,7 @@ def model_facts(model_cfg):
         v = get_variant(model_cfg.variant)
     else:
         return None
-    return v.fps, v.allowed_frames(), (v.native_frames, v.native_height, v.native_width)
+    return v.fps, v.allowed_frames(), (v.native_frames, v.native_height, v.native_width), v.check_still()
 
 
 def _check(args) -> None:

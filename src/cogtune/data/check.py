@@ -1,5 +1,9 @@
 """`cogtune data check`: look at every clip of a dataset and report what would go wrong. Knows no model.
 
+A still image listed as a sample is decoded whole (one whose header does not open, not an image or too many pixels,
+is `unreadable`; one whose pixels do not decode, truncated or damaged, `corrupt`) and needs no frame count: it
+trains as one frame.
+
 Each problem is "keyword: message" with a stable keyword. Clips with an UNUSABLE keyword are skipped by training;
 the others load but deserve a look (duplicates, variable frame rate, rotation, unusual pixel format, odd sizes,
 upscaling). `span` is the share of the clip (or its start/end segment) the chosen frames cover: a caption that
@@ -26,7 +30,7 @@ from cogtune.errors import CogtuneError, display_path
 
 UNUSABLE = {"missing", "missing-image", "bad-image", "no-caption", "empty-caption", "caption-encoding", "bad-time",
             "bad-row", "list-mismatch", "empty", "unreadable", "audio-only", "no-video", "zero-frames", "truncated",
-            "corrupt", "too-short", "too-slow", "unknown-fps"}
+            "corrupt", "too-short", "too-slow", "unknown-fps", "thumbnail", "no-stills"}
 NORMAL_PIX_FMTS = ("yuv420p", "yuvj420p")
 _VFR_TOLERANCE = 0.1  # packet spacing may vary this much (relative) before a stream counts as variable rate
 
@@ -46,6 +50,7 @@ class ClipReport:
     height: int | None = None
     pix_fmt: str | None = None
     used_frames: int | None = None
+    kind: str = "video"  # or "image": a still image listed as a sample (one frame)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,9 +184,22 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_one(sample: Sample, settings: dict[str, Any], decode: bool, seed: int) -> ClipReport:
+def _check_one(sample: Sample, settings: dict[str, Any], decode: bool, seed: int,
+               stills_refused: str | None = None) -> ClipReport:
     report = ClipReport(sample.listed or sample.where or str(sample.video), ok=False, problems=list(sample.problems),
-                        video=str(sample.video))
+                        video=str(sample.video), kind="image" if sample.is_image else "video")
+    if sample.is_image:  # one frame: no frame plan, no frame rule (training gives it a bucket of 1 frame)
+        if sample.listed and sample.video.is_file():
+            from cogtune.data.image import inspect_image
+
+            facts, problems = inspect_image(sample.video)
+            report.problems += problems + ([f"no-stills: {stills_refused}; train it on videos or remove the image"]
+                                           if stills_refused else [])
+            for key, value in facts.items():
+                setattr(report, key, value)
+            if facts:
+                report.span, report.used_frames = 1.0, 1
+        return report
     if sample.listed and sample.video.is_file():
         try:
             facts, problems = inspect_video(sample.video, decode)
@@ -225,12 +243,13 @@ def check_dataset(root: str | os.PathLike, frames: int = 49, height: int = 480, 
                   mode: str = "uniform", target_fps: float | None = None, short_policy: str = "skip",
                   decode: bool = False, workers: int = 4, *, allowed: Sequence[int] | None = None,
                   window: str = "center", seed: int = 0,
-                  frame_buckets: Sequence[int] | None = None) -> list[ClipReport]:
+                  frame_buckets: Sequence[int] | None = None, stills_refused: str | None = None) -> list[ClipReport]:
     """Check every clip of the dataset at `root` in parallel (threads); one report per listed clip, in order,
     plus one per dataset-level problem (path = the list or table file).
 
     Frames are planned as training plans them (`cogtune.data.frames.plan_bucketed`); with `frame_buckets` a clip
     takes the largest bucket count it fills, and only the smallest one falls back to `short_policy`.
+    `stills_refused`: why the model takes no still images (each listed image then has a `no-stills` problem).
     """
     settings = dict(want=frames, mode=mode, target_fps=target_fps, short=short_policy, allowed=allowed,
                     window=window, buckets=list(frame_buckets or ()))
@@ -238,7 +257,7 @@ def check_dataset(root: str | os.PathLike, frames: int = 49, height: int = 480, 
                 window=window)  # bad settings fail before the scan
     listing = read_dataset(root)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reports = list(pool.map(lambda s: _check_one(s, settings, decode, seed), listing.samples))
+        reports = list(pool.map(lambda s: _check_one(s, settings, decode, seed, stills_refused), listing.samples))
         _mark_duplicates(listing.samples, reports, pool)
     for r in reports:
         if r.width and r.height and (r.width < width or r.height < height):
@@ -306,7 +325,9 @@ def summary(reports: list[ClipReport]) -> str:
     clips = [r for r in reports if r.video]
     bad = sum(not r.ok for r in clips)
     unusable = sum(not r.usable for r in clips)
-    line = f"{len(clips)} clips: {len(clips) - bad} ok, {bad} with problems ({unusable} unusable)"
+    images = sum(r.kind == "image" for r in clips)
+    line = (f"{len(clips)} clips{f' ({images} of them images)' if images else ''}: {len(clips) - bad} ok, {bad} "
+            f"with problems ({unusable} unusable)")
     dataset = sum(not r.video for r in reports)
     return line + (f"; {dataset} dataset-level problems" if dataset else "")
 
@@ -327,10 +348,11 @@ def write_json(reports: list[ClipReport], path: str | os.PathLike) -> Path:
 
 def _settings_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """Defaults < the config's data section (and what its model implies: `args.model_facts(cfg.model)` gives the
-    model's (fps, allowed frame counts, native (frames, height, width)) or None; data/ knows no model) < flags given
-    on the command line."""
+    model's (fps, allowed frame counts, native (frames, height, width), why it takes no still images or None) or
+    None; data/ knows no model) < flags given on the command line."""
     s: dict[str, Any] = dict(frames=49, height=480, width=720, mode="uniform", target_fps=None,
-                             short_policy="skip", window="center", allowed=None, frame_buckets=None)
+                             short_policy="skip", window="center", allowed=None, frame_buckets=None,
+                             stills_refused=None)
     root, variant = args.root, None
     if args.config:
         from cogtune.config import load_config
@@ -357,6 +379,7 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]
             s[key] = getattr(args, flag)
     if variant is not None:  # as training does: the model's fps, and its frame counts for the smaller policy
         fps, allowed = variant[:2]
+        s["stills_refused"] = variant[3] if len(variant) > 3 else None
         s["target_fps"] = s["target_fps"] or fps
         s["allowed"] = s["allowed"] or [f for f in allowed if f <= s["frames"]]
     if root is None:

@@ -16,6 +16,9 @@ Three layouts; `load_dataset(path)` recognises them:
 3. A folder of videos (searched recursively; .mp4 .mov .mkv .webm .avi .m4v) with a caption beside each:
    clip.mp4 + clip.txt (UTF-8, whole file = caption, lines joined with spaces).
 
+In every layout an entry may be a still image (.jpg .jpeg .png .webp) instead of a video: a one-frame sample
+(`Sample.is_image`). A folder of captioned images is a dataset of the third layout. An image takes no start/end.
+
 Loading never stops at a problem with one clip: each `Sample` carries its `problems` ("keyword: what, where, fix").
 `load_dataset(path, strict=True)` raises the first one as a CogtuneError; `strict=False` returns every sample
 (callers skip those with problems) and logs dataset-level problems (lists of different length).
@@ -37,6 +40,7 @@ from cogtune.errors import CogtuneError
 
 log = logging.getLogger("cogtune")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # still images, trained as one-frame samples
 TABLE_NAMES = ("metadata.csv", "metadata.jsonl")
 VIDEO_COLUMNS, CAPTION_COLUMNS = ("video", "file_name"), ("caption", "text", "prompt")
 
@@ -55,6 +59,25 @@ class Sample:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def is_image(self) -> bool:
+        """A still image listed as a sample (not an I2V conditioning image): one frame."""
+        return is_image(self.video)
+
+
+def is_image(path: str | os.PathLike) -> bool:
+    """Whether a sample file is a still image (by its extension, as the folder layout finds samples)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _still_problems(sample: Sample) -> Sample:
+    """A still image has no time: start/end on one is a problem of its row."""
+    if not sample.is_image or (sample.start is None and sample.end is None):
+        return sample
+    bad = (f"bad-time: {sample.where or sample.video}: {sample.listed or sample.video} is a still image, which "
+           "has no start/end; clear them or list a video")
+    return replace(sample, problems=sample.problems + (bad,))
 
 
 @dataclass
@@ -236,7 +259,7 @@ def _table_sample(row: dict[Any, Any], where: str, folder: Path, check_exists: b
     problems += [p for p in (bad_start, bad_end) if p]
     if start is not None and end is not None and end <= start:
         problems.append(f"bad-time: {where}: end {end:g}s is not after start {start:g}s; fix start/end")
-    return Sample(video, caption, rel, image, start, end, tuple(problems), where)
+    return _still_problems(Sample(video, caption, rel, image, start, end, tuple(problems), where))
 
 
 def read_table(path: str | os.PathLike, check_exists: bool = True) -> DatasetListing:
@@ -284,14 +307,21 @@ def read_table(path: str | os.PathLike, check_exists: bool = True) -> DatasetLis
 
 
 def read_captioned_folder(root: str | os.PathLike) -> DatasetListing:
-    """Read a folder of videos, each with a same-named .txt caption beside it (searched recursively)."""
+    """Read a folder of videos and/or images, each with a same-named .txt caption beside it (searched
+    recursively)."""
     root = Path(root).resolve()
     listing = DatasetListing([], layout="folder", source=root)
-    for video in _videos_under(root):
+    found = _videos_under(root)
+    video_stems = {f.with_suffix("") for f in found if not is_image(f)}
+    for video in found:
         rel = video.relative_to(root).as_posix()
         txt = video.with_suffix(".txt")
         problems: list[str] = []
         caption = ""
+        if is_image(video) and video.with_suffix("") in video_stems:  # clip.mp4 + clip.jpg share clip.txt
+            problems.append(f"thumbnail: {video} shares its caption file {txt.name} with a video of the same name, "
+                            "so it is taken for that video's thumbnail and not trained on; rename it and give it "
+                            "its own caption to train on it")
         if not video.is_file():
             problems.append(f"missing: {video} is a broken link or not a file; fix the link or remove it")
         if not txt.is_file():
@@ -305,7 +335,8 @@ def read_captioned_folder(root: str | os.PathLike) -> DatasetListing:
                 problems.append(f"empty-caption: {txt} is empty; write the caption into it")
         listing.samples.append(Sample(video, caption, rel, problems=tuple(problems), where=str(video)))
     if not listing.samples:
-        listing.problems.append(f"empty: {root} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+        listing.problems.append(f"empty: {root} holds no videos or images "
+                                f"({', '.join(VIDEO_SUFFIXES + IMAGE_SUFFIXES)})")
     return listing
 
 
@@ -314,7 +345,7 @@ def _videos_under(root: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [Path(dirpath) / f for f in filenames
-                  if not f.startswith(".") and Path(f).suffix.lower() in VIDEO_SUFFIXES]
+                  if not f.startswith(".") and Path(f).suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -353,7 +384,7 @@ def read_dataset(path: str | os.PathLike) -> DatasetListing:
         return read_captioned_folder(path)
     raise CogtuneError(f"{path} is not a dataset folder cogtune recognises; expected official CogVideoX "
                        f"(prompts.txt + videos.txt); or a table ({' or '.join(TABLE_NAMES)}); "
-                       "or videos with a same-named .txt caption beside each")
+                       "or videos or images with a same-named .txt caption beside each")
 
 
 IMAGE_PROBLEMS = ("missing-image", "bad-image")  # about a sample's conditioning image only

@@ -55,7 +55,14 @@ def _open(path: PathLike) -> av.container.InputContainer:
 
 
 def probe(path: PathLike) -> VideoInfo:
-    """Read a video's header. The frame count comes from the stream, or from counting packets if it is missing."""
+    """Read a video's header. The frame count comes from the stream, or from counting packets if it is missing.
+    A still image (`sources.is_image`) is a one-frame clip of its displayed size."""
+    from cogtune.data.image import is_image, probe_image
+
+    if is_image(path):
+        img = probe_image(path)
+        return VideoInfo(frames=1, fps=0.0, duration=0.0, width=img.width, height=img.height, pix_fmt=img.mode,
+                         codec=img.format.lower())
     with _open(path) as container:
         stream = container.streams.video[0]
         try:
@@ -257,9 +264,17 @@ def decode_plan(path: PathLike, plan: FramePlan, height: int, width: int, crop: 
                 rng: np.random.Generator | None = None) -> torch.Tensor:
     """Decode the frames of `plan` once, blend where it says so (in float), resize and crop: float32 [F, 3, H, W]
     in [-1, 1]. Frames are resized while they are converted to RGB and written one by one into the output, so a
-    long high-resolution clip never sits in memory as floats at its source size."""
+    long high-resolution clip never sits in memory as floats at its source size. A still image is its one frame
+    (`image.image_as_frames`, the same geometry and resampler)."""
+    from cogtune.data.image import image_as_frames, is_image
+
     if not plan.ok:
         raise CogtuneError(f"{path}: {_reason_text(plan.reason or '')}")
+    if is_image(path):
+        if set(plan.indices) != {0} or plan.weights and any(plan.weights):
+            raise CogtuneError(f"{path}: a still image has one frame, but the plan asks for frames {plan.needed}")
+        frame = image_as_frames(path, height, width, crop, rng)
+        return frame.expand(plan.frames, -1, -1, -1).contiguous() if plan.frames > 1 else frame
     geometry: list[tuple[tuple[int, int], int, int]] = []
 
     def scale(h: int, w: int) -> tuple[int, int]:

@@ -39,6 +39,9 @@ class ModelFacts:
     hub_id: str = ""  # where the published weights are (presets name the folder after it)
     release_dtype: str = "bf16"  # the mixed precision the variant was trained and released in
     notes: tuple[str, ...] = field(default=())  # what the run summary should say about this variant
+    # why the variant takes no still images as samples; "" when it takes them as one-frame clips (one latent
+    # frame, which the spec pads to the transformer's temporal patch as the pipeline pads a 1-frame request)
+    no_stills: str = ""
 
     def allowed_frames(self) -> list[int]:
         return [self.frame_step * n + 1 for n in range(1, self.max_n + 1)]
@@ -52,6 +55,11 @@ class ModelFacts:
             f"{', '.join(map(str, allowed[:4]))}, ..., {allowed[-1]}")
         return (f"{self.name} takes {self.frame_step}N+1 frames with 1 <= N <= {self.max_n} "
                 f"({shown}; native {self.native_frames}), not {n}")
+
+    def check_still(self) -> str | None:
+        """None if a still image trains as a one-frame clip on this variant, else a one-line reason. Only images
+        take this rule: a video still needs `check_frames`' counts."""
+        return f"{self.name} takes no still images: {self.no_stills}" if self.no_stills else None
 
     def check_size(self, frames: int, height: int, width: int, key: str = "data") -> str | None:
         """None if the model trains and samples at this size, else one line (keys named under `key`)."""

@@ -47,7 +47,12 @@ def _variant(name: str, generation: str, i2v: bool, hub: str, fixed_resolution: 
     else:
         shape = dict(frame_step=16, max_n=10, native_frames=81, native_height=768, native_width=1360, fps=16)
     return ModelFacts(name=name, i2v=i2v, fixed_resolution=fixed_resolution, generation=generation,
-                      hub_id=f"zai-org/{hub}", release_dtype=release_dtype, **shape, **_COMMON)
+                      hub_id=f"zai-org/{hub}", release_dtype=release_dtype, no_stills=I2V_STILLS if i2v else "",
+                      **shape, **_COMMON)
+
+
+# An I2V model is shown the first frame of its sample: a still image would be asked to reproduce itself.
+I2V_STILLS = "image-to-video models condition on the sample's first frame, which for a still image is the image itself"
 
 
 VARIANTS: dict[str, ModelFacts] = {
@@ -70,9 +75,13 @@ def get_variant(name: str) -> ModelFacts:
 
 
 def folder_facts(facts: ModelFacts, transformer_config: dict) -> ModelFacts:
-    """The facts of one folder: a learned positional table fixes the size its config was built for."""
+    """The facts of one folder: a learned positional table fixes the size (and frame count) its config was built
+    for; no table, and a still image trains as one latent frame (padded to `patch_size_t` by the spec)."""
     if not transformer_config.get("use_learned_positional_embeddings"):
         return facts
+    if not facts.no_stills:
+        facts = replace(facts, no_stills=f"its learned positional embeddings are fixed to "
+                                         f"{transformer_config.get('sample_frames')} frames")
     try:
         h, w = int(transformer_config["sample_height"]) * 8, int(transformer_config["sample_width"]) * 8
     except (KeyError, TypeError, ValueError):

@@ -20,7 +20,7 @@ import torch
 from ..data.buckets import assign_bucket, resolutions_for_area
 from ..data.cache import CacheItem, LatentCache, fingerprint_files
 from ..data.captions import with_trigger
-from ..data.frames import plan_bucketed
+from ..data.frames import FramePlan, plan_bucketed
 from ..data.sources import Sample, load_dataset, problem_text, without_images
 from ..data.video import decode_plan, load_image, probe
 from ..config import fill_native_shape
@@ -112,8 +112,11 @@ def _frame_options(cfg, facts) -> tuple[list[int], list[tuple[int, int]]]:
 
 
 def plan_sample(sample: Sample, cfg, facts, frames: list[int], resolutions, rng=None):
-    """→ ((height, width, frames), plan) or (None, reason)."""
+    """→ ((height, width, frames), plan) or (None, reason). A still image is a one-frame clip in a bucket of its
+    own size (its frames are not the configured ones: the model's still-image rule decides, `check_still`)."""
     d = cfg.data
+    if sample.is_image and (why := facts.check_still()):
+        return None, f"no-stills: {why}; train it on videos or remove the image"
     info = probe(sample.video)
     if len(resolutions) > 1 or (d.buckets and not d.buckets.allow_upscale):
         bucket, why = assign_bucket(info.height, info.width, 10**9, resolutions, [1],
@@ -123,6 +126,8 @@ def plan_sample(sample: Sample, cfg, facts, frames: list[int], resolutions, rng=
         hw = (bucket.height, bucket.width)
     else:
         hw = resolutions[0]
+    if sample.is_image:
+        return (*hw, 1), FramePlan((0,), span=1.0)
     target_fps = d.target_fps or facts.fps
     kwargs = dict(start=sample.start, end=sample.end, target_fps=target_fps if d.sampling == "fps" else None,
                   window=d.window, rng=rng)

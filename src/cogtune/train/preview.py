@@ -3,7 +3,7 @@
 For each chosen clip: `<name>.mp4` holding the frames training encodes (frame selection, fps resampling, resize and
 crop, in the clip's bucket), `<name>.png` a contact sheet of them, and one `index.json` listing per clip its source,
 bucket [frames, height, width], the source frame of every output frame (a blend of two where frames are
-interpolated) and the caption as it will be encoded.
+interpolated), the caption as it will be encoded, and its kind ("video", or "image": a still image, one frame).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from ..config import TrainConfig
+from ..data.sources import is_image
 from ..data.video import to_uint8_frames, write_mp4
 from ..errors import CogtuneError
 from ..files import write_text_atomic
@@ -54,7 +55,8 @@ def write_preview(cfg: TrainConfig, out: str | Path, clips: int | None = 8) -> P
         st = item.settings
         entries.append({"name": name, "source": item.video, "listed": listed, "start": item.start, "end": item.end,
                         "bucket": [st["frames"], st["height"], st["width"]], "source_frames": _frames_of(plan),
-                        "caption": item.caption, "image": item.image, "fps": fps})
+                        "caption": item.caption, "image": item.image, "fps": fps,
+                        "kind": "image" if is_image(item.video) else "video"})
     index = {"variant": facts.name, "clips_planned": len(planned.items), "skipped": planned.skipped,
              "clips": entries}
     return write_text_atomic(out / "index.json", json.dumps(index, indent=1, ensure_ascii=False) + "\n")

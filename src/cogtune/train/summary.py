@@ -16,9 +16,16 @@ def _count(n: int) -> str:
 
 
 def _shapes(buckets: list) -> str:
-    """'frames×height×width: clips' per bucket, the fullest first."""
+    """'frames×height×width: clips' per bucket, the fullest first; a one-frame bucket holds still images (no video
+    frame rule allows 1 frame) and says so."""
     counts = Counter(buckets)
-    return ", ".join(f"{f}×{h}×{w}: {n}" for (h, w, f), n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return ", ".join(f"{f}×{h}×{w}: {n}" + (f" image{'s' if n > 1 else ''}" if f == 1 else "")
+                     for (h, w, f), n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _images(buckets: list) -> str:
+    n = sum(1 for _, _, f in buckets if f == 1)
+    return f" ({n} of them still image{'s' if n > 1 else ''}, 1 frame each)" if n else ""
 
 
 def data_summary(cfg, variant: str, buckets: list, skipped: int, world: int, resume_from=None,
@@ -43,7 +50,7 @@ def data_summary(cfg, variant: str, buckets: list, skipped: int, world: int, res
             sets.append(f"{name}: {n} clips" + (f" ×{r}" if r > 1 else "")
                         + f" ({_shapes([b for b, x in zip(buckets, names) if x == name])})")
     return "\n".join(([f"datasets {'; '.join(sets)}"] if sets else []) + [
-        f"data    {len(buckets)} clips planned, {skipped} skipped; frames×height×width: {shapes}"
+        f"data    {len(buckets)} clips planned{_images(buckets)}, {skipped} skipped; frames×height×width: {shapes}"
         + (f" ({variant}'s native {'/'.join(native)}: data.{', data.'.join(native)} not set)" if native else "")
         + (f"; {held} held out (never trained on, their loss is heldout_loss)" if held else ""),
         f"steps   {cfg.max_steps}, {per_step} clip{'s' if per_step > 1 else ''} each (batch {cfg.batch_size} × accumulation "
