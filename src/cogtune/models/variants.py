@@ -38,6 +38,7 @@ _COMMON = dict(
     fp8_skip=("patch_embed", "norm", "lora_", "proj_out", "pos_embedding", "time_embedding", "ofs_embedding"),
     transformer_class="CogVideoXTransformer3DModel",
 )
+LEARNED_TABLE = "use_learned_positional_embeddings"  # 5B-I2V's learned positional table (CogVideoXPatchEmbed)
 
 
 def _variant(name: str, generation: str, i2v: bool, hub: str, fixed_resolution: bool = False,
@@ -47,7 +48,8 @@ def _variant(name: str, generation: str, i2v: bool, hub: str, fixed_resolution: 
     else:
         shape = dict(frame_step=16, max_n=10, native_frames=81, native_height=768, native_width=1360, fps=16)
     return ModelFacts(name=name, i2v=i2v, fixed_resolution=fixed_resolution, generation=generation,
-                      hub_id=f"zai-org/{hub}", release_dtype=release_dtype, **shape, **_COMMON)
+                      hub_id=f"zai-org/{hub}", release_dtype=release_dtype,
+                      size_lock_key=LEARNED_TABLE if fixed_resolution else "", **shape, **_COMMON)
 
 
 VARIANTS: dict[str, ModelFacts] = {
@@ -70,8 +72,11 @@ def get_variant(name: str) -> ModelFacts:
 
 
 def folder_facts(facts: ModelFacts, transformer_config: dict) -> ModelFacts:
-    """The facts of one folder: a learned positional table fixes the size its config was built for."""
-    if not transformer_config.get("use_learned_positional_embeddings"):
+    """The facts of one folder: a learned positional table fixes the size its config was built for; a folder of a
+    variant that has one, saved without it (a full fine-tune trained with the table dropped), takes any size."""
+    if not transformer_config.get(LEARNED_TABLE):
+        if facts.size_lock_key:
+            return replace(facts, fixed_resolution=False, positions_dropped=True)
         return facts
     try:
         h, w = int(transformer_config["sample_height"]) * 8, int(transformer_config["sample_width"]) * 8
