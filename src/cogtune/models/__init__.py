@@ -156,9 +156,18 @@ def without_learned_positions(facts: ModelFacts, key: str = DROP_KEY) -> ModelFa
 def load_transformer(transformer_dir, dtype, facts: ModelFacts | None = None):
     """The transformer of a folder, read from safetensors in `dtype`, built as `facts` say (e.g. without the
     learned positional table: its stored weights are then left unused, as diffusers itself does)."""
+    import logging
+
     overrides = facts.transformer_overrides() if facts is not None else {}
-    return transformer_class(transformer_dir).from_pretrained(
-        str(transformer_dir), torch_dtype=dtype, use_safetensors=True, local_files_only=True, **overrides)
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    level = log.level
+    if overrides:  # "Some weights ... were not used": the dropped table, which is the point
+        log.setLevel(logging.ERROR)
+    try:
+        return transformer_class(transformer_dir).from_pretrained(
+            str(transformer_dir), torch_dtype=dtype, use_safetensors=True, local_files_only=True, **overrides)
+    finally:
+        log.setLevel(level)
 
 
 def load_spec(path, variant: str | None = None, dtypes: dict | None = None):
