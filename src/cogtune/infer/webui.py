@@ -111,7 +111,7 @@ class Generator:
                 prompt=str(form.get("prompt") or ""), negative_prompt=str(form.get("negative_prompt") or ""),
                 image=image, frames=_int(form, "frames"), height=_int(form, "height"), width=_int(form, "width"),
                 steps=_int(form, "steps", 50), seed=_int(form, "seed", 0),
-                guidance_scale=_float(form, "guidance_scale", None)))
+                guidance_scale=_float(form, "guidance_scale", None)), specs)
             compare = bool(form.get("compare"))
             if compare and not specs:
                 raise CogtuneError("compare needs at least one adapter")
