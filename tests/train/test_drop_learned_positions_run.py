@@ -125,13 +125,18 @@ def test_a_lora_trained_with_the_table_is_refused_beside_it(run, tmp_path, capsy
 
 
 def test_merge_builds_the_model_without_the_table(run, tmp_path):
+    from cogtune.infer.generate import Settings, resolve_settings
+
     model, out, result = run
     merged = tmp_path / "merged"
-    assert main(["lora", "merge", "--model", str(model), "--lora", str(out / "lora"), str(merged)]) == 0
-    assert json.loads((merged / "config.json").read_text())["use_learned_positional_embeddings"] is False
-    loaded = CogVideoXTransformer3DModel.from_pretrained(str(merged))
+    assert main(["lora", "merge", "--model", str(model), "--lora", str(out / "lora"), str(merged), "--pipeline"]) == 0
+    assert json.loads((merged / "transformer" / "config.json").read_text())["use_learned_positional_embeddings"] is False
+    loaded = CogVideoXTransformer3DModel.from_pretrained(str(merged / "transformer"))
     inputs = _inputs(result.spec, seed=1)
     torch.testing.assert_close(_out(loaded, inputs), _out(result.transformer, inputs), atol=1e-5, rtol=1e-5)
+    # the merged pipeline folder has no table: it takes the trained size with no LoRA to say so
+    s = resolve_settings(merged, Settings("x", image=_image(tmp_path), height=HEIGHT, width=WIDTH))
+    assert (s.height, s.width) == (HEIGHT, WIDTH)
 
 
 def test_training_at_that_size_without_the_option_is_one_line(run, synth_data, tmp_path, capsys):
