@@ -44,8 +44,11 @@ def _out(transformer, inputs):
 def run(tiny_model, synth_data, tmp_path_factory):
     model = tiny_model(VARIANT)
     out = tmp_path_factory.mktemp("drop") / "run"
+    image = _image(out.parent)
     cfg = tiny_train_config(model, synth_data, out, data__height=HEIGHT, data__width=WIDTH, max_steps=3,
-                            optimizer__lr=2e-2, **{DROP.replace(".", "__"): "true"})
+                            optimizer__lr=2e-2, validation__prompts='["a red circle"]',
+                            validation__images=f'["{image}"]', validation__inference_steps=2,
+                            **{DROP.replace(".", "__"): "true"})
     return model, out, train(cfg)
 
 
@@ -57,6 +60,8 @@ def _image(tmp_path):
 
 def test_the_choice_is_recorded(run):
     _, out, result = run
+    videos = list((out / "validation").rglob("*.mp4"))  # sampled in training, at the trained size
+    assert videos and (probe(videos[0]).height, probe(videos[0]).width) == (HEIGHT, WIDTH)
     assert result.spec.transformer.config.use_learned_positional_embeddings is False
     meta = read_metadata(out / "lora" / "pytorch_lora_weights.safetensors")
     assert meta["cogtune.drop_learned_positions"] == "true"
@@ -161,3 +166,15 @@ def test_sft_saves_a_config_that_builds_the_model_without_the_table(tiny_model, 
     assert not hasattr(loaded.patch_embed, "pos_embedding")
     inputs = _inputs(result.spec, seed=2)
     torch.testing.assert_close(_out(loaded, inputs), _out(result.transformer, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_preview_follows_the_option(run, synth_data, tmp_path):
+    from cogtune.train.preview import write_preview
+
+    model, _, _ = run
+    size = dict(data__height=HEIGHT, data__width=WIDTH)
+    cfg = tiny_train_config(model, synth_data, tmp_path / "o", **size, **{DROP.replace(".", "__"): "true"})
+    index = json.loads(write_preview(cfg, tmp_path / "p", clips=1).read_text())
+    assert index["clips"][0]["bucket"] == [FRAMES, HEIGHT, WIDTH]
+    with pytest.raises(CogtuneError, match=f"{DROP}=true"):
+        write_preview(tiny_train_config(model, synth_data, tmp_path / "o", **size), tmp_path / "q", clips=1)
