@@ -164,11 +164,11 @@ def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype:
     from diffusers import DiffusionPipeline
 
     from ..export.lora_formats import load_lora_into_pipeline
-    from ..export.lora_compat import check_lora_compat
+    from ..export.lora_compat import DROP_META, check_lora_compat
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     model_dir = Path(model_dir)
-    from ..models import load_transformer, resolve_variant
+    from ..models import config_changes, load_transformer, resolve_variant
 
     resolve_variant(model_dir)  # clear error for a folder that is not a pipeline cogtune knows
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -181,10 +181,10 @@ def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype:
     from .. import quiet_libraries
 
     quiet_libraries()
-    parts = {}
-    if facts.transformer_overrides():  # the LoRAs were trained without the learned positional table
-        log(f"note: the LoRA was trained without the learned positional table; the model runs without it too "
-            f"({', '.join(f'{k}={v}' for k, v in facts.transformer_overrides().items())})")
+    parts, changes = {}, config_changes(model_dir / "transformer", facts)
+    if changes:  # the LoRAs were trained without the learned positional table
+        log(f"note: the LoRA was trained without the learned positional table (its {DROP_META}), so the model is "
+            f"built without it too ({', '.join(f'{k}={v}' for k, v in changes.items())})")
         parts["transformer"] = load_transformer(model_dir / "transformer", torch_dtype, facts)
     pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True,
                                              use_safetensors=True, **parts)

@@ -153,6 +153,14 @@ def without_learned_positions(facts: ModelFacts, key: str = DROP_KEY) -> ModelFa
     return replace(facts, fixed_resolution=False, positions_dropped=True)
 
 
+def config_changes(transformer_dir, facts: ModelFacts) -> dict:
+    """The transformer config values `facts` need that the folder's config.json does not hold already."""
+    from .folder import read_json
+
+    config = read_json(Path(transformer_dir) / "config.json", "a diffusers config.json")
+    return {k: v for k, v in facts.transformer_overrides().items() if config.get(k) != v}
+
+
 def load_transformer(transformer_dir, dtype, facts: ModelFacts | None = None):
     """The transformer of a folder, read from safetensors in `dtype`, built as `facts` say (e.g. without the
     learned positional table: its stored weights are then left unused, as diffusers itself does)."""
