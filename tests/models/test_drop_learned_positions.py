@@ -109,3 +109,16 @@ def test_without_the_option_the_size_is_refused_naming_it(tiny_model):
 def test_the_option_on_a_model_without_a_table_is_refused(tiny_model):
     with pytest.raises(CogtuneError, match="no learned positional table"):
         resolve_variant(tiny_model("cogvideox-5b"), drop_positions=True)
+
+
+def test_the_option_on_a_model_without_a_table_is_one_line_from_train(tiny_model, synth_data, tmp_path, capsys):
+    import yaml
+
+    from cogtune.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": str(tiny_model("cogvideox-5b")), "drop_learned_positions": True},
+                                      "data": {"root": str(synth_data)}, "output_dir": str(tmp_path / "out")}))
+    code = main(["train", str(config)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no learned positional table" in err, err
