@@ -60,6 +60,7 @@ def _image(tmp_path):
 
 def test_the_choice_is_recorded(run):
     _, out, result = run
+    assert "drop_learned_positions: true" in (out / "config.yaml").read_text()
     videos = list((out / "validation").rglob("*.mp4"))  # sampled in training, at the trained size
     assert videos and (probe(videos[0]).height, probe(videos[0]).width) == (HEIGHT, WIDTH)
     assert result.spec.transformer.config.use_learned_positional_embeddings is False
@@ -162,6 +163,7 @@ def test_sft_saves_a_config_that_builds_the_model_without_the_table(tiny_model, 
     result = train(cfg)
     folder = tmp_path / "run" / "transformer"
     assert json.loads((folder / "config.json").read_text())["use_learned_positional_embeddings"] is False
+    assert "config.json says so" in (folder / "README.md").read_text()
     loaded = CogVideoXTransformer3DModel.from_pretrained(str(folder))  # by itself: no override needed
     assert not hasattr(loaded.patch_embed, "pos_embedding")
     inputs = _inputs(result.spec, seed=2)

@@ -56,7 +56,8 @@ def write_model_card(folder: str | Path, *, base_model: str, hub_id: str, varian
                f'torch_dtype=torch.bfloat16)')
     note = ""
     if overrides:
-        how = ("the snippet below does, and `cogtune generate` does it from the LoRA's metadata" if lora else
+        how = ("the snippet below does, and `cogtune generate` does it from the LoRA's metadata; ComfyUI reads no "
+               "metadata, so load the base model there without the table yourself" if lora else
                "this folder's config.json says so, so `from_pretrained` does it by itself")
         note = (f"\nTrained with the transformer built as `{overrides.lstrip(', ')}` (the learned positional table "
                 f"dropped, which frees the size): inference must build it the same way ({how}).\n")
