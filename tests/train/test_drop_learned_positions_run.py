@@ -180,3 +180,11 @@ def test_preview_follows_the_option(run, synth_data, tmp_path):
     assert index["clips"][0]["bucket"] == [FRAMES, HEIGHT, WIDTH]
     with pytest.raises(CogtuneError, match=f"{DROP}=true"):
         write_preview(tiny_train_config(model, synth_data, tmp_path / "o", **size), tmp_path / "q", clips=1)
+
+
+def test_on_a_model_of_another_variant_the_variant_is_what_is_refused(run, tiny_model, tmp_path, capsys):
+    _, out, _ = run
+    code = main(["generate", "--model", str(tiny_model("cogvideox-5b")), "--lora", str(out / "lora"), "--prompt", "x",
+                 "--steps", "1", "--out", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "was trained on cogvideox-5b-i2v" in err, err

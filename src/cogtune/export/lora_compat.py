@@ -156,6 +156,8 @@ def positions_for(facts, loras, names=None):
     without it. LoRAs that disagree, or a LoRA trained with the table on a model saved without it, are refused."""
     from ..models import without_learned_positions
 
+    if not facts.size_lock_key:  # no table here: a LoRA of another variant is check_lora_compat's to refuse
+        return facts
     want: dict[bool, str] = {}
     for i, lora in enumerate(loras):
         what = f"LoRA {names[i] if names else lora}"
