@@ -65,6 +65,9 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     path: Path
     variant: str | None = None  # read from the model folder when not given
+    # build the transformer without its learned positional table (the one that fixes 5B-I2V at its native size), so
+    # any size of the size unit trains; recorded in the outputs, which inference then loads the same way
+    drop_learned_positions: bool = False
 
 
 class BucketConfig(_Section):

@@ -18,7 +18,7 @@ def _synth(args) -> None:
 
 def _cache(args) -> None:
     from ..config import fill_native_shape, load_config
-    from ..models import load_spec
+    from ..models import load_spec, resolve_variant
     from ..train.distributed import make_accelerator
     from ..train.encode import cache_root, prepare_data
     from ..train.memory import encoder_dtype
@@ -26,7 +26,8 @@ def _cache(args) -> None:
     cfg = load_config(args.config, args.overrides)
     accelerator = make_accelerator(cfg)  # under torchrun each rank encodes its own share
     enc = encoder_dtype(cfg, accelerator.device)
-    spec = load_spec(cfg.model.path, cfg.model.variant, {"text_encoder": enc, "vae": enc, "transformer": enc})
+    facts = resolve_variant(cfg.model.path, cfg.model.variant, drop_positions=cfg.model.drop_learned_positions)
+    spec = load_spec(cfg.model.path, facts, {"text_encoder": enc, "vae": enc, "transformer": enc})
     fill_native_shape(cfg, spec.facts)  # as training does, so that training finds this cache
     spec.set_vae_memory(slicing=cfg.memory.vae_slicing, tiling=cfg.memory.vae_tiling)
     spec.encoders_to(accelerator.device, enc, stream_text=cfg.memory.stream_text_encoder)

@@ -15,8 +15,7 @@ import torch
 from cogtune import pickles
 from cogtune.errors import CogtuneError
 from cogtune.export.shards import refuse_overlap
-from cogtune.export.to_diffusers import base_transformer, check_fits, name_prefix, refuse_lora, \
-    write_transformer
+from cogtune.export.to_diffusers import base_transformer, fit_base, name_prefix, refuse_lora, write_transformer
 
 MODEL = "model."  # cogtune saves {"model": ..., "optimizer": ...}; DCP flattens the nesting into dotted keys
 
@@ -50,7 +49,8 @@ def convert_fsdp(checkpoint: str | Path, out_dir: str | Path, base_model_dir: st
     refuse_lora(stored, folder, "convert fsdp")
     config_path, expected = base_transformer(base_model_dir)
     prefix = name_prefix(list(stored), expected)
-    check_fits({n[len(prefix):]: tuple(m.size) for n, m in stored.items()}, expected, folder, config_path.parent)
+    config, expected = fit_base({n[len(prefix):]: tuple(m.size) for n, m in stored.items()}, config_path, expected,
+                                folder)
 
     def fill(writer) -> None:
         with warnings.catch_warnings():
@@ -61,6 +61,6 @@ def convert_fsdp(checkpoint: str | Path, out_dir: str | Path, base_model_dir: st
                 writer.add(name[len(prefix):], tensor)
 
     what = None if quiet else f"FSDP2 checkpoint {folder}"
-    return write_transformer(out_dir, config_path, expected, dtype, max_shard_size, overwrite, fill, what)
+    return write_transformer(out_dir, config_path, expected, dtype, max_shard_size, overwrite, fill, what, config)
 
 

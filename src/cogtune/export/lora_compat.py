@@ -115,3 +115,85 @@ def check_lora_compat(lora, model_dir: str | Path) -> None:
             problem = _shape_problem(f"{PREFIX}{name}.lora_{role}.weight", role, tensor, name, module)
             if problem:
                 raise CogtuneError(problem)
+
+
+# --- the learned positional table: a LoRA trained without it runs only without it --------------------------------
+
+DROP_INFO = "drop_learned_positions"  # the run_info key; in a LoRA's metadata `cogtune.drop_learned_positions`
+DROP_META = f"cogtune.{DROP_INFO}"
+
+
+def cogtune_metadata(lora) -> dict[str, str]:
+    """The `cogtune.*` metadata of a LoRA (a path, a LoraWeights), read from the safetensors header only; {} for a
+    file that does not read (check_lora_compat names that problem)."""
+    if isinstance(lora, LoraWeights):
+        return lora.cogtune
+    from safetensors import safe_open
+
+    from .lora_formats import resolve_lora_path
+
+    try:
+        with safe_open(str(resolve_lora_path(lora)), framework="pt") as f:
+            return {k: v for k, v in (f.metadata() or {}).items() if k.startswith("cogtune.")}
+    except Exception:  # noqa: BLE001 (safetensors raises its own error types; the full read reports them)
+        return {}
+
+
+def trained_without_table(cogtune: dict[str, str], what: str) -> bool | None:
+    """True / False as the LoRA's metadata records it; None when it says nothing (not a cogtune LoRA, or a model
+    without a learned positional table)."""
+    value = cogtune.get(DROP_META)
+    if value is None:
+        return None
+    if value not in ("true", "false"):
+        raise CogtuneError(f"{what}: metadata {DROP_META}={str(value)[:40]!r} is neither true nor false: "
+                           "the metadata is damaged; export the LoRA again")
+    return value == "true"
+
+
+def positions_for(facts, loras, names=None):
+    """`facts` of the model as `loras` need it built: without its learned positional table when they were trained
+    without it. LoRAs that disagree, or a LoRA trained with the table on a model saved without it, are refused."""
+    from ..models import without_learned_positions
+
+    if not facts.size_lock_key:  # no table here: a LoRA of another variant is check_lora_compat's to refuse
+        return facts
+    want: dict[bool, str] = {}
+    for i, lora in enumerate(loras):
+        what = f"LoRA {names[i] if names else lora}"
+        dropped = trained_without_table(cogtune_metadata(lora), what)
+        if dropped is not None:
+            want.setdefault(dropped, what)
+    if len(want) == 2:
+        raise CogtuneError(f"{want[True]} was trained without the learned positional table, {want[False]} with it: "
+                           "they cannot run on one model; use them apart")
+    if want.get(True) and not facts.positions_dropped:
+        return without_learned_positions(facts, DROP_META)
+    if want.get(False) and facts.positions_dropped:
+        raise CogtuneError(f"{want[False]} was trained with the learned positional table, and this {facts.name} model "
+                           "runs without it: use the base model it was trained on, or a LoRA trained with "
+                           "model.drop_learned_positions=true")
+    return facts
+
+
+def check_pipeline_positions(transformer, lora, what: str) -> None:
+    """Refuse (one line) to put a LoRA on a transformer whose learned positional table disagrees with its training:
+    with the table on, a LoRA trained without it would run silently at the wrong positions."""
+    from ..models import get_variant
+
+    cogtune = cogtune_metadata(lora)
+    dropped = trained_without_table(cogtune, what)
+    if dropped is None or not cogtune.get("cogtune.variant"):
+        return
+    try:
+        key = get_variant(cogtune["cogtune.variant"]).size_lock_key
+    except CogtuneError:
+        return
+    has_table = bool(getattr(transformer.config, key, False)) if key else False
+    if dropped and has_table:
+        raise CogtuneError(f"{what} was trained without the learned positional table, but this pipeline's transformer "
+                           f"has it ({key}=True): load the transformer with {key}=False (cogtune generate and lora "
+                           "merge do so from the LoRA's metadata)")
+    if not dropped and key and not has_table:
+        raise CogtuneError(f"{what} was trained with the learned positional table, but this pipeline's transformer "
+                           f"has none ({key}=False): load the base model as it is")

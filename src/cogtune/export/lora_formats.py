@@ -396,7 +396,10 @@ def load_lora_into_pipeline(pipe, path: str | Path, adapter_name: str) -> LoraWe
     `pipe.load_lora_weights(dict)` drops metadata for a dict input in diffusers 0.42 (its `lora_state_dict` only
     reads metadata from a file), so we call `load_lora_into_transformer(..., metadata=...)`, the step it delegates to.
     """
+    from .lora_compat import check_pipeline_positions
+
     lora = read_lora(path)
+    check_pipeline_positions(pipe.transformer, lora, f"LoRA {path}")
     pipe.load_lora_into_transformer(dict(lora.state_dict), transformer=pipe.transformer, adapter_name=adapter_name,
                                     metadata=lora.adapter_metadata(), _pipeline=pipe)
     return lora

@@ -72,19 +72,20 @@ def check_fused(transformer: torch.nn.Module, to: torch.dtype, loras: list) -> N
 
 def fuse_loras(transformer_dir: Path, loras: list, model_dir: Path):
     """The float32 transformer with `loras` ([LoraSpec]) fused in at their weights."""
-    from .lora_compat import check_lora_compat
-    from ..models import transformer_class
+    from .lora_compat import check_lora_compat, positions_for, transformer_config
+    from ..models import load_transformer, variant_of_configs
 
     read = []
     for spec in loras:  # every LoRA checked before the slow load
         lora = read_lora(spec.path)
         check_lora_compat(lora, model_dir)
         read.append(lora)
+    # LoRAs trained without the learned positional table: the merged model is built (and saved) without it too
+    facts = positions_for(variant_of_configs(*transformer_config(model_dir)), read, [str(s.path) for s in loras])
     from .. import quiet_libraries
 
     quiet_libraries()
-    transformer = transformer_class(transformer_dir).from_pretrained(str(transformer_dir), torch_dtype=torch.float32,
-                                                                     use_safetensors=True)
+    transformer = load_transformer(transformer_dir, torch.float32, facts)
     names = []
     for spec, lora in zip(loras, read):  # names are unique: parse_loras checks that
         with warnings.catch_warnings():  # peft warns on every adapter after the first; several is the point here

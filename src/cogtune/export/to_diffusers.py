@@ -58,16 +58,42 @@ def check_fits(ckpt: dict[str, tuple[int, ...]], expected: dict[str, TensorSpec]
         raise CogtuneError(f"checkpoint {where} does not fit the base model {base}: {'; '.join(problems)}; {hint}")
 
 
+def fit_base(ckpt: dict[str, tuple[int, ...]], config_path: Path, expected: dict[str, TensorSpec],
+             where: Path) -> tuple[dict | None, dict[str, TensorSpec]]:
+    """check_fits, except that a full fine-tune trained without the base's learned positional table
+    (model.drop_learned_positions) fits the base built without it: (the config to write instead of the base's, or
+    None; the keys and shapes expected)."""
+    if not shape_problems(ckpt, {k: s.shape for k, s in expected.items()}, "checkpoint", "base"):
+        return None, expected
+    from ..models import variant_of_configs, without_learned_positions
+
+    config = json.loads(config_path.read_text())
+    try:
+        facts = without_learned_positions(variant_of_configs(config))
+    except CogtuneError:  # no such table (or no known variant): the base's own check speaks
+        facts = None
+    if facts is not None:
+        dropped = config | facts.transformer_overrides()
+        alt = model_specs(dropped)
+        if not shape_problems(ckpt, {k: s.shape for k, s in alt.items()}, "checkpoint", "base"):
+            return dropped, alt
+    check_fits(ckpt, expected, where, config_path.parent)
+    return None, expected
+
+
 def write_transformer(out_dir: str | Path, config_path: Path, expected: dict[str, TensorSpec],
                       dtype: str | torch.dtype | None, max_shard_size: int | str, overwrite: bool,
-                      fill: Callable[[ShardWriter], None], what: str | None) -> Path:
-    """Stage `out_dir` with the base config and the weights `fill(writer)` writes (floating tensors in `dtype`,
-    default fp32), verify it holds exactly the base model's keys and shapes, then move it in place. `what`: the
+                      fill: Callable[[ShardWriter], None], what: str | None, config: dict | None = None) -> Path:
+    """Stage `out_dir` with the base config (or `config`) and the weights `fill(writer)` writes (floating tensors in
+    `dtype`, default fp32), verify it holds exactly the expected keys and shapes, then move it in place. `what`: the
     source, for a summary on stdout (None: quiet)."""
     to = resolve_dtype(dtype) or torch.float32
     specs = {k: TensorSpec(spec.shape, target_dtype(spec.dtype, to)) for k, spec in expected.items()}
     with staged_folder(out_dir, overwrite) as tmp:
-        (tmp / CONFIG_NAME).write_bytes(config_path.read_bytes())
+        if config is None:
+            (tmp / CONFIG_NAME).write_bytes(config_path.read_bytes())
+        else:
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         with ShardWriter(tmp, specs, max_shard_size) as writer:
             fill(writer)
         verify_transformer_folder(tmp, {k: s.shape for k, s in expected.items()})

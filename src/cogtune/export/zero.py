@@ -29,8 +29,7 @@ import torch
 from cogtune import pickles
 from cogtune.errors import CogtuneError
 from cogtune.export.shards import refuse_overlap
-from cogtune.export.to_diffusers import (base_transformer, check_fits, name_prefix, refuse_lora,
-                                         write_transformer)
+from cogtune.export.to_diffusers import base_transformer, fit_base, name_prefix, refuse_lora, write_transformer
 
 _OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 TRUST_NOTE = (f"DeepSpeed checkpoints are Python pickles: they load weights-only (tensors and DeepSpeed's own plain "
@@ -288,7 +287,7 @@ def _convert_zero(checkpoint_dir, out_dir, base_model_dir, dtype, max_shard_size
     for alias, src in layout.shared.items():
         if src in targets:
             targets[src].append(targets.pop(alias)[0])
-    check_fits({n[len(prefix):]: s for n, s in shapes.items()}, expected, layout.folder, config_path.parent)
+    config, expected = fit_base({n[len(prefix):]: s for n, s in shapes.items()}, config_path, expected, layout.folder)
     pieces = _zero12_pieces(layout) if layout.stage < 3 else _zero3_pieces(layout)
 
     def fill(writer) -> None:
@@ -298,7 +297,7 @@ def _convert_zero(checkpoint_dir, out_dir, base_model_dir, dtype, max_shard_size
                     writer.write(key, values, start)
 
     what = None if quiet else f"ZeRO-{layout.stage} checkpoint {layout.folder} ({layout.world} ranks)"
-    return write_transformer(out_dir, config_path, expected, dtype, max_shard_size, overwrite, fill, what)
+    return write_transformer(out_dir, config_path, expected, dtype, max_shard_size, overwrite, fill, what, config)
 
 
 # --- the command ----------------------------------------------------------------------------------------------------

@@ -142,9 +142,9 @@ def compare(model: str | Path, prompt: str, out: str | Path, loras: Sequence[str
             progress: bool = True) -> tuple[Path, Path]:
     """Write `out` (side-by-side mp4) and `out` with .png (contact sheet); returns both paths."""
     image = Path(image) if image else None
-    settings = resolve_settings(model, Settings(prompt, negative_prompt, image, frames, height, width, fps, steps, seed,
-                                                guidance_scale))
     specs = parse_loras(loras)
+    settings = resolve_settings(model, Settings(prompt, negative_prompt, image, frames, height, width, fps, steps, seed,
+                                                guidance_scale), specs)
     if not specs:
         raise CogtuneError("--compare needs at least one --lora to compare with the base model")
     out = check_video_out(out)

@@ -55,12 +55,20 @@ def _given_or(value, default):
     return default if value is None else value  # 0 is a value the checks judge, not "unset"
 
 
-def resolve_settings(model_dir: str | Path, settings: Settings) -> Settings:
-    """Defaults from the variant; a wrong image/frames/size combination is one line, before any weight is read."""
-    model_dir = Path(model_dir)
+def model_facts(model_dir: str | Path, loras: Sequence[LoraSpec] = ()):
+    """The model's facts as `loras` need it built: without its learned positional table when they were trained
+    without it (their metadata says so); LoRAs that disagree are one line."""
+    from ..export.lora_compat import positions_for
     from ..models import resolve_variant
 
-    variant = resolve_variant(model_dir)
+    return positions_for(resolve_variant(model_dir), [l.path for l in loras], [str(l.path) for l in loras])
+
+
+def resolve_settings(model_dir: str | Path, settings: Settings, loras: Sequence[LoraSpec] = ()) -> Settings:
+    """Defaults from the variant; a wrong image/frames/size combination is one line, before any weight is read.
+    `loras`: the adapters to be loaded (a LoRA trained without the learned positional table frees the size)."""
+    model_dir = Path(model_dir)
+    variant = model_facts(model_dir, loras)
     d_frames, d_height, d_width, d_fps = variant.native_frames, variant.native_height, variant.native_width, variant.fps
     s = replace(settings, frames=_given_or(settings.frames, d_frames), height=_given_or(settings.height, d_height),
                 width=_given_or(settings.width, d_width), fps=_given_or(settings.fps, d_fps),
@@ -85,7 +93,8 @@ def resolve_settings(model_dir: str | Path, settings: Settings) -> Settings:
         raise CogtuneError(f"--height/--width {s.height}x{s.width}: both must be multiples of {unit} for {variant.name}")
     if variant.fixed_resolution and (s.height, s.width) != (d_height, d_width):
         raise CogtuneError(f"{variant.name} has learned positional embeddings and only takes {d_height}x{d_width}, "
-                           f"not {s.height}x{s.width}: drop --height/--width")
+                           f"not {s.height}x{s.width}: drop --height/--width, or use a LoRA trained with "
+                           "model.drop_learned_positions=true")
     timesteps = _train_timesteps(model_dir)
     if not 1 <= s.steps <= timesteps:
         raise CogtuneError(f"--steps {s.steps}: give 1 to {timesteps} (the scheduler's training timesteps)")
@@ -146,19 +155,21 @@ def activate_adapters(pipe, loras: Sequence[LoraSpec]) -> None:
 
 def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype: str | None = None,
                    device: str | None = None, cpu_offload: bool = False, vae_tiling: bool = False,
-                   vae_slicing: bool = False, fuse: bool = False, log: Callable[[str], None] | None = None):
+                   vae_slicing: bool = False, fuse: bool = False, log: Callable[[str], None] | None = None,
+                   facts=None):
     """The stock pipeline of `model_dir` with `loras` loaded as named adapters and active at their weights.
 
+    `facts`: build the model as these say (`model_facts` of adapters to be loaded later), not as `loras` say.
     `fuse`: merge the active adapters into the transformer weights, then drop the adapter layers (faster sampling;
     the adapters can no longer be switched).
     """
     from diffusers import DiffusionPipeline
 
-    from ..export.lora_compat import check_lora_compat
+    from ..export.lora_compat import DROP_META, check_lora_compat
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     model_dir = Path(model_dir)
-    from ..models import resolve_variant
+    from ..models import config_changes, load_transformer, resolve_variant
 
     resolve_variant(model_dir)  # clear error for a folder that is not a pipeline cogtune knows
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -167,11 +178,17 @@ def build_pipeline(model_dir: str | Path, loras: Sequence[LoraSpec] = (), dtype:
     torch_dtype = pick_dtype(dtype, cuda)
     for lora in loras:  # all checked before the slow load: one clear line instead of a shape error inside peft
         check_lora_compat(lora.path, model_dir)
+    facts = facts or model_facts(model_dir, loras)
     from .. import quiet_libraries
 
     quiet_libraries()
+    parts, changes = {}, config_changes(model_dir / "transformer", facts)
+    if changes:  # the LoRAs were trained without the learned positional table
+        log(f"note: the LoRA was trained without the learned positional table (its {DROP_META}), so the model is "
+            f"built without it too ({', '.join(f'{k}={v}' for k, v in changes.items())})")
+        parts["transformer"] = load_transformer(model_dir / "transformer", torch_dtype, facts)
     pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True,
-                                             use_safetensors=True)
+                                             use_safetensors=True, **parts)
     load_adapters(pipe, loras)
     activate_adapters(pipe, loras)
     if fuse and loras:
@@ -258,9 +275,9 @@ def generate(model: str | Path, prompt: str, out: str | Path, loras: Sequence[st
              progress: bool = True) -> Path:
     """Write one mp4 (atomically) for `prompt` (and `image` for I2V models) with `loras` (`PATH[:WEIGHT][@NAME]`)."""
     image = Path(image) if image else None
-    settings = resolve_settings(model, Settings(prompt, negative_prompt, image, frames, height, width, fps, steps, seed,
-                                                guidance_scale))
     specs = parse_loras(loras)
+    settings = resolve_settings(model, Settings(prompt, negative_prompt, image, frames, height, width, fps, steps, seed,
+                                                guidance_scale), specs)
     out = check_video_out(out)
     pipe = build_pipeline(model, specs, dtype, device, cpu_offload, vae_tiling, vae_slicing, fuse)
     video = sample(pipe, settings, on_step, progress=progress)

@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..errors import CogtuneError
-from .generate import LoraSpec, Settings, activate_adapters, build_pipeline, load_adapters, resolve_settings, sample
+from .generate import (LoraSpec, Settings, activate_adapters, build_pipeline, load_adapters, model_facts,
+                       resolve_settings, sample)
 from .ui_library import LORA_FILE, Library
 
 RECORD_KEY = "cogtune_ui"  # marks a JSON file in the output folder as one of our records
@@ -89,7 +90,7 @@ class Studio:
         self.options = options or {}
         self._busy = threading.Lock()
         self._cancel = threading.Event()
-        self._model: Path | None = None
+        self._model: tuple | None = None
         self._pipe = None
         self._loaded: dict[str, Path] = {}  # adapter name in the pipeline -> file
         self._hashes: dict[tuple, str] = {}
@@ -153,7 +154,7 @@ class Studio:
             raise CogtuneError("compare needs at least one adapter")
         seed = secrets.randbelow(2**32) if req.seed is None else int(req.seed)
         settings = resolve_settings(model, Settings(req.prompt, req.negative_prompt, req.image, req.frames, req.height,
-                                                    req.width, None, req.steps, seed, req.guidance_scale))
+                                                    req.width, None, req.steps, seed, req.guidance_scale), specs)
         return model, settings, specs
 
     def _run(self, req: Request, on_progress: Progress) -> dict[str, Any]:
@@ -161,7 +162,7 @@ class Studio:
         stem = self._new_stem()
         runs = len(specs) + 1 + (len(specs) > 1) if req.compare else 1
         total = runs * settings.steps
-        on_progress(0, total, "loading the model" if self._model != model else "loading adapters")
+        on_progress(0, total, "loading the model" if self._model != self._key(model, specs) else "loading adapters")
         pipe, loaded = self._pipeline(model, specs)
         if self._cancel.is_set():
             raise Cancelled("cancelled before sampling: nothing was written")
@@ -215,15 +216,22 @@ class Studio:
         written += [grid, sheet]
         return {"kind": "compare", "video": grid.name, "sheet": sheet.name, "videos": singles}
 
+    @staticmethod
+    def _key(model: Path, specs: list[LoraSpec]) -> tuple:
+        """What the kept pipeline is: the model, built with or without its learned positional table (as the
+        adapters were trained)."""
+        return model, model_facts(model, specs).positions_dropped
+
     def _pipeline(self, model: Path, specs: list[LoraSpec]):
         """The kept pipeline of `model` with `specs` active; only adapters not loaded before are read."""
         from ..export.lora_compat import check_lora_compat
 
-        if self._model != model:
+        key = self._key(model, specs)
+        if self._model != key:
             self._pipe = self._model = None  # free the old weights before loading new ones
             self._loaded = {}
-            self._pipe = build_pipeline(model, [], **self.options)
-            self._model = model
+            self._pipe = build_pipeline(model, [], facts=model_facts(model, specs), **self.options)
+            self._model = key
             self.loads += 1
         loaded = []
         for spec in specs:

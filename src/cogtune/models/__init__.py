@@ -18,7 +18,7 @@ import importlib
 from pathlib import Path
 
 from ..errors import CogtuneError, bounded, display_path
-from .facts import ModelFacts, UndetectableVariant
+from .facts import DROP_KEY, ModelFacts, UndetectableVariant
 
 FAMILIES = {
     "cogvideox": "cogtune.models.variants",
@@ -127,17 +127,55 @@ def _tiny_facts(path: Path, facts: ModelFacts) -> ModelFacts:
                    hub_id="")  # random weights: not the published model
 
 
-def resolve_variant(path, variant: str | None = None, weights: bool = True, key: str = "model.variant") -> ModelFacts:
+def resolve_variant(path, variant: str | None = None, weights: bool = True, key: str = "model.variant",
+                    drop_positions: bool = False) -> ModelFacts:
     """The facts of a model folder, from its configs, without loading weights (their files are checked whole with
     `weights`). A `variant` given (a config's `model.variant`) must agree with the folder; it decides alone only for
-    a folder that matches no official variant."""
+    a folder that matches no official variant. `drop_positions`: the model runs without its learned positional
+    table (model.drop_learned_positions), so it takes any size."""
     from .folder import check_model_dir, read_json
 
     path = check_model_dir(path, weights)
     fam = family_of_folder(path)
     transformer_cfg = read_json(path / "transformer" / "config.json", "a diffusers config.json")
     vae_cfg = read_json(path / "vae" / "config.json", "a diffusers config.json")
-    return _tiny_facts(path, pick_variant(transformer_cfg, vae_cfg, variant, path, key, fam))
+    facts = _tiny_facts(path, pick_variant(transformer_cfg, vae_cfg, variant, path, key, fam))
+    return without_learned_positions(facts) if drop_positions else facts
+
+
+def without_learned_positions(facts: ModelFacts, key: str = DROP_KEY) -> ModelFacts:
+    """The facts of the model built without its learned positional table (any size of its size unit); a variant
+    with no such table is refused (`key` names the option that asked)."""
+    from dataclasses import replace
+
+    if not facts.size_lock_key:
+        raise CogtuneError(f"{key}=true: {facts.name} has no learned positional table to drop; remove {key}")
+    return replace(facts, fixed_resolution=False, positions_dropped=True)
+
+
+def config_changes(transformer_dir, facts: ModelFacts) -> dict:
+    """The transformer config values `facts` need that the folder's config.json does not hold already."""
+    from .folder import read_json
+
+    config = read_json(Path(transformer_dir) / "config.json", "a diffusers config.json")
+    return {k: v for k, v in facts.transformer_overrides().items() if config.get(k) != v}
+
+
+def load_transformer(transformer_dir, dtype, facts: ModelFacts | None = None):
+    """The transformer of a folder, read from safetensors in `dtype`, built as `facts` say (e.g. without the
+    learned positional table: its stored weights are then left unused, as diffusers itself does)."""
+    import logging
+
+    overrides = facts.transformer_overrides() if facts is not None else {}
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    level = log.level
+    if overrides:  # "Some weights ... were not used": the dropped table, which is the point
+        log.setLevel(logging.ERROR)
+    try:
+        return transformer_class(transformer_dir).from_pretrained(
+            str(transformer_dir), torch_dtype=dtype, use_safetensors=True, local_files_only=True, **overrides)
+    finally:
+        log.setLevel(level)
 
 
 def load_spec(path, variant: str | None = None, dtypes: dict | None = None):

@@ -35,10 +35,16 @@ class PipelineSpec:
         from diffusers import DiffusionPipeline
 
         from .. import quiet_libraries
+        from . import config_changes, load_transformer
 
         quiet_libraries()
         dtype = {"default": torch.float32, **dtypes} if dtypes else torch.float32
-        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True, use_safetensors=True)
+        parts = {}
+        if config_changes(Path(path) / "transformer", variant):  # e.g. built without the learned positional table
+            own = dtype.get("transformer", dtype["default"]) if isinstance(dtype, dict) else dtype
+            parts["transformer"] = load_transformer(Path(path) / "transformer", own, variant)
+        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True, use_safetensors=True,
+                                                 **parts)
         for part in (pipe.transformer, pipe.vae, pipe.text_encoder):
             part.requires_grad_(False)
         return cls(pipe, variant, str(path))

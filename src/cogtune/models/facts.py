@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from ..errors import CogtuneError
 
 
+DROP_KEY = "model.drop_learned_positions"  # the config key that drops a learned positional table
+
+
 class UndetectableVariant(CogtuneError):
     """The configs match no official variant of a family (a custom model): only then may a given variant decide."""
 
@@ -42,6 +45,14 @@ class ModelFacts:
     # why the variant takes no still images as samples; "" when it takes them as one-frame clips (one latent
     # frame, which the spec pads to the transformer's temporal patch as the pipeline pads a 1-frame request)
     no_stills: str = ""
+    # The transformer config flag whose True value is the learned positional table that fixes the size ("" when
+    # there is none); set False, the model is built without that table and takes any size of size_multiple.
+    size_lock_key: str = ""
+    positions_dropped: bool = False  # run without that table (model.drop_learned_positions, a LoRA, or the folder)
+
+    def transformer_overrides(self) -> dict:
+        """The transformer config values that build the model as these facts describe it (from_pretrained kwargs)."""
+        return {self.size_lock_key: False} if self.positions_dropped and self.size_lock_key else {}
 
     def allowed_frames(self) -> list[int]:
         return [self.frame_step * n + 1 for n in range(1, self.max_n + 1)]
@@ -72,5 +83,6 @@ class ModelFacts:
         if self.fixed_resolution and (height, width) != (self.native_height, self.native_width):
             return (f"{key}.height/width {height}x{width}: {self.name} has learned positional embeddings that fix "
                     f"its size to {self.native_height}x{self.native_width}; set {key}.height={self.native_height} "
-                    f"{key}.width={self.native_width}")
+                    f"{key}.width={self.native_width}, or {DROP_KEY}=true to train without that table at any size "
+                    f"(inference must then drop it too)")
         return None

@@ -38,6 +38,7 @@ _COMMON = dict(
     fp8_skip=("patch_embed", "norm", "lora_", "proj_out", "pos_embedding", "time_embedding", "ofs_embedding"),
     transformer_class="CogVideoXTransformer3DModel",
 )
+LEARNED_TABLE = "use_learned_positional_embeddings"  # 5B-I2V's learned positional table (CogVideoXPatchEmbed)
 
 
 def _variant(name: str, generation: str, i2v: bool, hub: str, fixed_resolution: bool = False,
@@ -48,7 +49,7 @@ def _variant(name: str, generation: str, i2v: bool, hub: str, fixed_resolution: 
         shape = dict(frame_step=16, max_n=10, native_frames=81, native_height=768, native_width=1360, fps=16)
     return ModelFacts(name=name, i2v=i2v, fixed_resolution=fixed_resolution, generation=generation,
                       hub_id=f"zai-org/{hub}", release_dtype=release_dtype, no_stills=I2V_STILLS if i2v else "",
-                      **shape, **_COMMON)
+                      size_lock_key=LEARNED_TABLE if fixed_resolution else "", **shape, **_COMMON)
 
 
 # An I2V model is shown the first frame of its sample: a still image would be asked to reproduce itself.
@@ -76,8 +77,11 @@ def get_variant(name: str) -> ModelFacts:
 
 def folder_facts(facts: ModelFacts, transformer_config: dict) -> ModelFacts:
     """The facts of one folder: a learned positional table fixes the size (and frame count) its config was built
-    for; no table, and a still image trains as one latent frame (padded to `patch_size_t` by the spec)."""
-    if not transformer_config.get("use_learned_positional_embeddings"):
+    for; without one, a still image trains as one latent frame (padded to `patch_size_t` by the spec), and a folder
+    of a variant that has one, saved without it (a full fine-tune trained with the table dropped), takes any size."""
+    if not transformer_config.get(LEARNED_TABLE):
+        if facts.size_lock_key:
+            return replace(facts, fixed_resolution=False, positions_dropped=True)
         return facts
     if not facts.no_stills:
         facts = replace(facts, no_stills=f"its learned positional embeddings are fixed to "

@@ -14,6 +14,7 @@ import torch
 from ..config import STRATEGIES
 from ..dtypes import DTYPES
 from ..errors import CogtuneError, os_error_text
+from ..export.lora_compat import DROP_INFO
 
 log = logging.getLogger("cogtune")
 
@@ -69,7 +70,14 @@ def run_info(spec, cfg, step: int) -> dict:
     return {"variant": spec.variant_name, "base_model": spec.facts.hub_id or model.resolve().name,
             "base_model_fingerprint": fingerprint_files([model / "transformer"]), "method": cfg.method,
             "frames": cfg.data.frames, "height": cfg.data.height, "width": cfg.data.width, "steps": step,
-            **({"trigger": cfg.data.trigger} if cfg.data.trigger else {})}
+            **({"trigger": cfg.data.trigger} if cfg.data.trigger else {}),
+            **positions_info(spec.facts)}
+
+
+def positions_info(facts) -> dict:
+    """For a model with a learned positional table: whether it was trained without it (`cogtune.drop_learned_positions`
+    "true"/"false", which generate and merge follow); nothing for a model that has none."""
+    return {DROP_INFO: "true" if facts.positions_dropped else "false"} if facts.size_lock_key else {}
 
 
 def write_lora_files(unwrapped, folder: Path, info: dict, state: dict | None) -> dict[str, Path]:
@@ -96,6 +104,8 @@ def card_settings(cfg, info: dict, clips: int | None) -> dict:
                 "batch size x accumulation": f"{cfg.batch_size} x {cfg.gradient_accumulation_steps}",
                 "mixed precision": cfg.mixed_precision, "seed": cfg.seed,
                 "base model fingerprint": info["base_model_fingerprint"]}
+    if info.get(DROP_INFO) == "true":
+        settings["learned positional table"] = "dropped (model.drop_learned_positions): inference must drop it too"
     if cfg.method == "lora":
         settings |= {"rank / alpha": f"{cfg.lora.rank} / {cfg.lora.alpha:g}",
                      "target modules": ", ".join(cfg.lora.target_modules)}
@@ -140,7 +150,7 @@ def save_outputs(accelerator, model, spec, cfg, step: int, out: Path | None = No
     if suffix == "_ema":
         info["ema_decay"] = cfg.ema.decay
     card = dict(base_model=info["base_model"], hub_id=spec.facts.hub_id, variant=spec.variant_name,
-                trigger=cfg.data.trigger,
+                trigger=cfg.data.trigger, transformer_overrides=spec.facts.transformer_overrides(),
                 i2v=spec.facts.i2v, method=cfg.method, settings=card_settings(cfg, info, clips))
     if cfg.method == "lora":
         outputs = write_lora_files(unwrapped, out / f"lora{suffix}", info, state)

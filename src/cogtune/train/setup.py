@@ -78,7 +78,7 @@ class Run:
 
 def check_before_loading(cfg: TrainConfig):
     """The model-vs-config rules, from the folder's configs alone, before any process group or weight."""
-    facts = resolve_variant(cfg.model.path, cfg.model.variant)
+    facts = resolve_variant(cfg.model.path, cfg.model.variant, drop_positions=cfg.model.drop_learned_positions)
     fill_native_shape(cfg, facts)
     for name, d, _ in cfg.data.entries():  # every dataset's own frames and size
         problem = facts.check_size(d.frames, d.height, d.width)

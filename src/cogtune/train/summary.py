@@ -75,8 +75,9 @@ def model_summary(cfg, variant: str, transformer, device) -> str:
         switches[0] += f" (every {m.checkpointing_every})"
     switches += [cfg.optimizer.name] if cfg.optimizer.name != "adamw" else []
     switches += [f"ema {cfg.ema.decay}"] if cfg.ema.decay else []
+    table = ", without its learned positional table" if cfg.model.drop_learned_positions else ""
     return "\n".join([
-        f"model   {variant}, {method}: {_count(trainable)} of {_count(total)} parameters train",
+        f"model   {variant}{table}, {method}: {_count(trainable)} of {_count(total)} parameters train",
         f"memory  {', '.join(switches) or 'no switches'}; {device.type}, mixed precision {cfg.mixed_precision}, "
         f"strategy {cfg.distributed.strategy}",
     ])
