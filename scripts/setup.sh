@@ -11,5 +11,5 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "${COGTUNE_TORCH:-torch==2.13.0}"
 fi
-python -m pip install -q -e ".[test,deepspeed]"
+python -m pip install -q -e ".[test,deepspeed,ui]"
 python -c "import torch, diffusers, cogtune; print(f'cogtune ready: torch {torch.__version__}, diffusers {diffusers.__version__}')"

@@ -55,6 +55,21 @@ def zero_checkpoint(tiny_model, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def ui_folders(tmp_path_factory):
+    """(models dir with t2v/ and i2v/, loras dir with run1/lora/ and run2/lora/ trained-shape LoRAs of t2v)."""
+    from cogtune.models import write_tiny_pipeline
+    from helpers.lora import make_lora
+
+    root = tmp_path_factory.mktemp("ui-folders")
+    models, loras = root / "models", root / "loras"
+    write_tiny_pipeline(models / "t2v", "cogvideox-5b", seed=0)
+    write_tiny_pipeline(models / "i2v", "cogvideox-5b-i2v", seed=0)
+    for i in (1, 2):
+        make_lora(models / "t2v", loras / f"run{i}" / "lora", seed=i)
+    return models, loras
+
+
 def tiny_train_config(model, data, out, **overrides):
     """A TrainConfig for the tiny model, sized like the quickstart; keyword args override dotted keys (a__b → a.b)."""
     from cogtune.config import load_config

@@ -57,6 +57,11 @@ def page_text(driver) -> str:
     return css(driver, "body")[0].text
 
 
+def status(driver) -> str:
+    found = css(driver, "#status")
+    return found[0].text if found else ""  # not yet rendered after a reload
+
+
 def open_page(driver, url):
     driver.get(url)
     wait_for("the page to load the model's defaults", lambda: "text-to-video" in page_text(driver))
@@ -95,7 +100,7 @@ def test_generate_plays_and_records_what_reproduces_it(ui, tmp_path):
     fill(driver, "#steps input", 2)
     fill(driver, "#seed input", 7)
     css(driver, "#generate")[0].click()
-    wait_for("the done line", lambda: "Done:" in css(driver, "#status")[0].text)
+    wait_for("the done line", lambda: "Done:" in status(driver))
     video = wait_for("the video", lambda: [v for v in css(driver, "#video video") if v.get_attribute("src")])[0]
     state = wait_for("the video to play", lambda: driver.execute_script(
         "const v = arguments[0]; v.muted = true; v.play(); "
@@ -104,7 +109,7 @@ def test_generate_plays_and_records_what_reproduces_it(ui, tmp_path):
     assert abs(state[2] - 9 / 8) < 0.2  # 9 frames at 8 fps
     not_blank(video.screenshot_as_png)  # the tiny model's frames are coloured noise, never one flat colour
     not_blank(driver.get_screenshot_as_png(), 4.0)
-    assert "seed 7" in css(driver, "#status")[0].text
+    assert "seed 7" in status(driver)
 
     [record_file] = new_records(out, before)
     record = json.loads(record_file.read_text())
@@ -123,7 +128,7 @@ def test_compare_two_adapters_shows_each_video(ui):
     choose(driver, "lora0", "run1")
     choose(driver, "lora1", "run2")
     css(driver, "#compare")[0].click()
-    wait_for("the done line", lambda: "Done:" in css(driver, "#status")[0].text)
+    wait_for("the done line", lambda: "Done:" in status(driver))
     grid = wait_for("four videos in the grid", lambda: [v for v in css(driver, "#compare-grid video")
                                                         if v.get_attribute("src")] if len(
         [v for v in css(driver, "#compare-grid video") if v.get_attribute("src")]) == 4 else None)
@@ -162,9 +167,25 @@ def test_cancel_stops_a_long_job(ui):
     fill(driver, "#steps input", 1000)
     css(driver, "#generate")[0].click()
     wait_for("progress with an ETA", lambda: "s left" in page_text(driver))
+    driver.refresh()  # a reload mid-job: the page says a job runs, and Cancel still reaches it
+    wait_for("the running-job line", lambda: "A job is running" in status(driver), limit=30)
     css(driver, "#cancel")[0].click()
-    wait_for("the cancelled line", lambda: "Cancelled" in css(driver, "#status")[0].text, limit=30)
-    assert "nothing was written" in css(driver, "#status")[0].text
+    wait_for("the cancelling line", lambda: "Cancelling" in status(driver), limit=30)
+    time.sleep(2)
+    assert set(out.iterdir()) == before  # the job ended without a file
+
+
+def test_cancel_reports_in_the_page_that_started_the_job(ui):
+    proc, driver, out = ui
+    open_page(driver, proc.url)
+    before = set(out.iterdir())
+    fill(driver, "#prompt textarea", "another long one")
+    fill(driver, "#steps input", 1000)
+    css(driver, "#generate")[0].click()
+    wait_for("progress with an ETA", lambda: "s left" in page_text(driver))
+    css(driver, "#cancel")[0].click()
+    wait_for("the cancelled line", lambda: "Cancelled" in status(driver), limit=30)
+    assert "nothing was written" in status(driver)
     assert set(out.iterdir()) == before
 
 
@@ -183,7 +204,7 @@ def test_image_to_video_model_takes_a_first_frame(ui, tmp_path):
     fill(driver, "#prompt textarea", "it moves")
     fill(driver, "#steps input", 2)
     css(driver, "#generate")[0].click()
-    wait_for("the done line", lambda: "Done:" in css(driver, "#status")[0].text)
+    wait_for("the done line", lambda: "Done:" in status(driver))
     [record_file] = new_records(out, before)
     record = json.loads(record_file.read_text())
     assert record["variant"] == "cogvideox-5b-i2v" and (out / record["image"]).is_file()

@@ -119,3 +119,35 @@ def test_listening_beyond_this_machine_warns(ui_folders, tmp_path):
                      tmp_path / "ui.log")
     assert proc.stop() == 0
     assert "warning: listening on 0.0.0.0" in proc.log.read_text()
+
+
+@pytest.mark.parametrize("field, value, expect", [
+    (4, 2**64, "Seed"), (5, 0, "Steps 0"), (5, 5000, "Steps 5000"), (7, 9.5, "Frames"), (8, -32, "Height"),
+    (6, 1e9, "Guidance"), (12, "bad name!", "adapter name"),
+])
+def test_bad_values_through_the_api_are_one_line(served, field, value, expect):
+    from gradio_client.exceptions import AppError
+
+    client, models, loras, out = served
+    before = set(out.iterdir())
+    args = form(models / "t2v")
+    args[10] = str(loras / "run1" / "lora" / "pytorch_lora_weights.safetensors")
+    args[field] = value
+    with pytest.raises(AppError) as e:
+        client.predict(*args, api_name="/generate")
+    message = str(e.value)
+    assert expect in message and "\n" not in message.strip() and "Traceback" not in message
+    assert set(out.iterdir()) == before
+
+
+def test_a_first_frame_that_is_no_image_is_refused(served, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    client, models, loras, out = served
+    fake = tmp_path / "frame.png"
+    fake.write_bytes(b"not an image at all")
+    before = set(out.iterdir())
+    with pytest.raises(AppError):
+        client.predict(*form(models / "i2v", image=handle_file(str(fake))), api_name="/generate")
+    assert set(out.iterdir()) == before

@@ -42,16 +42,16 @@ def _run(args) -> None:
               "the model and adapter folders it serves", file=sys.stderr)
     if args.share:
         print("warning: --share makes a public gradio.live link to this machine", file=sys.stderr)
-    app, url = launch(studio, args.host, args.port, Path(args.model).resolve() if args.model else None, picks,
-                      args.share, args.debug)
-    print(f"cogtune ui at {url} (outputs in {studio.out_dir.resolve()}); Ctrl-C stops it", flush=True)
 
     def stop(signum, frame):  # Ctrl-C or a service manager's SIGTERM, whatever a library set meanwhile
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the server starts: a signal at once also ends cleanly
         signal.signal(sig, stop)
     try:
+        app, url = launch(studio, args.host, args.port, Path(args.model).resolve() if args.model else None, picks,
+                          args.share, args.debug)
+        print(f"cogtune ui at {url} (outputs in {studio.out_dir.resolve()}); Ctrl-C stops it", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import CogtuneError, one_line
 from .ui_jobs import Cancelled, Pick, Request, Studio
 
-SLOTS = 4  # adapter rows on the page; compare shows base, each adapter and all together
+SLOTS = 4  # adapter rows on the page; compare shows base, each adapter and all together (6 players)
 NONE = ""
 EXAMPLES = ["a red fox trotting through fresh snow at dawn, cinematic, shallow depth of field",
             "a paper boat drifting down a rain-filled street gutter, close-up",
@@ -72,10 +72,10 @@ def build_app(studio: Studio, model: Path | None = None, loras: list[Pick] | Non
             path, weight, name = slots[3 * i:3 * i + 3]
             if path:
                 picks.append(Pick(Path(path), float(weight if weight is not None else 1.0), (name or "").strip()))
-        seed = _number(seed, "Seed")
+        seed, steps = _number(seed, "Seed"), _number(steps, "Steps")
         return Request(model=Path(model_v or ""), prompt=prompt or "", adapters=picks, negative_prompt=negative or "",
                        image=Path(image) if image else None, seed=None if seed is None or seed < 0 else seed,
-                       steps=_number(steps, "Steps") or 50, guidance_scale=_number(guidance, "Guidance", whole=False),
+                       steps=50 if steps is None else steps, guidance_scale=_number(guidance, "Guidance", whole=False),
                        frames=_number(frames, "Frames"), height=_number(height, "Height"),
                        width=_number(width, "Width"), compare=compare)
 
@@ -125,11 +125,16 @@ def build_app(studio: Studio, model: Path | None = None, loras: list[Pick] | Non
         return "Cancelling at the next step…" if studio.cancel() else "Nothing is running."
 
     def refresh(current):
-        return [gr.update(choices=model_choices())] + [gr.update(choices=lora_choices())] * SLOTS
+        return [gr.update(choices=model_choices())] + [gr.update(choices=lora_choices())] * SLOTS + [history()]
+
+    def arrived():  # a reload (or a second tab) while a job runs: say so instead of an empty page
+        if studio.busy():
+            return "A job is running (started before this page loaded): its video appears under *Earlier outputs*."
+        return ""
 
     first = str(model) if model else (model_choices()[0][1] if model_choices() else None)
     with gr.Blocks(title="cogtune") as app:
-        gr.Markdown("## cogtune — generate and compare CogVideoX videos with your adapters")
+        gr.Markdown("## cogtune — generate videos and compare your adapters")
         with gr.Row():
             with gr.Column(scale=5):
                 with gr.Row():
@@ -159,7 +164,7 @@ def build_app(studio: Studio, model: Path | None = None, loras: list[Pick] | Non
                 with gr.Accordion("Settings (the model's own by default)", open=True):
                     with gr.Row():
                         seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="seed")
-                        steps = gr.Number(50, label="Steps", precision=0, minimum=1, elem_id="steps")
+                        steps = gr.Number(50, label="Steps", precision=0, elem_id="steps")
                         guidance = gr.Number(6.0, label="Guidance", elem_id="guidance")
                     with gr.Row():
                         frames = gr.Number(label="Frames", precision=0, elem_id="frames")
@@ -171,10 +176,12 @@ def build_app(studio: Studio, model: Path | None = None, loras: list[Pick] | Non
                                  interactive=False)
                 with gr.Group(visible=False, elem_id="compare-grid") as grid_box:
                     sync = gr.Button("Play all from the start", size="sm", elem_id="sync")
-                    with gr.Row():
-                        grid = [gr.Video(visible=False, autoplay=True, loop=True, buttons=["download"],
-                                         interactive=False, elem_id=f"grid{i}", min_width=200)
-                                for i in range(SLOTS + 2)]
+                    grid = []
+                    for row in range(2):  # base, each adapter, all together: three to a row, each its own player
+                        with gr.Row():
+                            grid += [gr.Video(visible=False, autoplay=True, loop=True, buttons=["download"],
+                                              interactive=False, elem_id=f"grid{i}", min_width=160, height=200)
+                                     for i in range(3 * row, 3 * row + 3)]
                 sheet = gr.Image(label="Contact sheet", visible=False, elem_id="sheet", interactive=False)
                 command = gr.Code(label="Reproduce with (run in the output folder)", language="shell",
                                   elem_id="command", interactive=False, lines=3, max_lines=8)
@@ -193,7 +200,8 @@ def build_app(studio: Studio, model: Path | None = None, loras: list[Pick] | Non
         sync.click(None, js=SYNC_JS)
         gallery.select(pick_earlier, None, [video, command, record], api_name=False)
         model_dd.change(on_model, model_dd, [image, model_info, frames, height, width, guidance], api_name=False)
-        refresh_btn.click(refresh, model_dd, [model_dd, *slots[0::3]], api_name=False)
+        refresh_btn.click(refresh, model_dd, [model_dd, *slots[0::3], gallery], api_name=False)
+        app.load(arrived, None, status, api_name=False, queue=False)
         app.load(on_model, model_dd, [image, model_info, frames, height, width, guidance], api_name=False)
     return app
 

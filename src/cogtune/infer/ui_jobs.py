@@ -105,9 +105,12 @@ class Studio:
                 "width": v.native_width, "fps": v.fps, "guidance_scale": v.guidance, "steps": 50,
                 "size_multiple": v.size_multiple, "fixed_resolution": v.fixed_resolution}
 
+    def busy(self) -> bool:
+        return self._busy.locked()
+
     def cancel(self) -> bool:
         """Ask the running job to stop at its next step; False when none runs."""
-        if not self._busy.locked():
+        if not self.busy():
             return False
         self._cancel.set()
         return True
