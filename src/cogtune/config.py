@@ -335,6 +335,15 @@ class EMAConfig(_Section):
     for_validation: bool = False  # validation videos and the fixed-point loss with the averaged weights
 
 
+class LoggingConfig(_Section):
+    # where the scalars (loss, lr, held-out loss, ...) and validation videos go besides logs/metrics.jsonl (always
+    # written). wandb: a W&B run (`wandb login` first, or WANDB_MODE=offline to keep it in logs/wandb/ for `wandb
+    # sync`); a resumed run continues the same W&B run
+    report_to: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
+    wandb_project: str = "cogtune"
+    wandb_name: str | None = None  # None: the output folder's name
+
+
 class CheckpointConfig(_Section):
     every_steps: int = Field(0, ge=0)  # 0: only on SIGTERM/SIGINT
     keep_last: int | None = Field(3, ge=1)
@@ -353,6 +362,7 @@ class TrainConfig(_Section):
     loss: LossConfig = LossConfig()
     validation: ValidationConfig = ValidationConfig()
     ema: EMAConfig = EMAConfig()
+    logging: LoggingConfig = LoggingConfig()
     max_steps: int = Field(1000, ge=1, le=10**9)
     output_dir: Path = Path("runs/cogtune")
     seed: Seed = 42

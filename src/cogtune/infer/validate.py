@@ -49,9 +49,10 @@ class Validator:
         self.embeds = [_cpu(spec.encode_prompts([p])) for p in self.prompts]
         self.negative = _cpu(spec.encode_prompts([""]))
 
-    def __call__(self, transformer, out_dir: Path, device, autocast, tensorboard=None, step: int = 0,
+    def __call__(self, transformer, out_dir: Path, device, autocast, media=None, step: int = 0,
                  write: bool = True) -> list[Path]:
-        """Generate every prompt; `write=False` on ranks that only take part (sharded weights) and save nothing."""
+        """Generate every prompt; `write=False` on ranks that only take part (sharded weights) and save nothing.
+        `media(step, sheet, videos)`: where the contact sheet and the videos are reported (TensorBoard, W&B)."""
         spec = self.spec
         scheduler = type(spec.scheduler).from_config(spec.scheduler.config)  # the training scheduler keeps its state
         pipe = spec.pipeline(transformer, text_encoder=False, scheduler=scheduler)
@@ -86,6 +87,6 @@ class Validator:
         if not write:
             return []
         sheet = contact_sheet(videos, self.prompts, out_dir / "contact_sheet.png")
-        if tensorboard is not None:
-            tensorboard.add_image("validation/contact_sheet", sheet, step, dataformats="HWC")
+        if media is not None:
+            media(step, sheet, paths)
         return paths + [out_dir / "contact_sheet.png"]

@@ -267,7 +267,7 @@ def validate(run: Run, stop: StopFlag, at: int) -> None:
                     n = len(cfg.validation.prompts)
                     tqdm.write(f"step {at}: validation videos ({n} prompt{'s' if n > 1 else ''})")
                 run.validator(run.transformer, run.out / "validation" / f"step-{at}", run.accelerator.device,
-                              run.accelerator.autocast, run.metrics.tensorboard, at, write=run.main)
+                              run.accelerator.autocast, run.metrics.validation_media, at, write=run.main)
     except Stopped:
         if at == 0:
             raise

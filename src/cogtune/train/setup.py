@@ -31,7 +31,7 @@ from .distributed import is_sharded, make_accelerator, world_size
 from .ema import EMA
 from .encode import PreparedData, prepare_data
 from .memory import check_switches, encoder_dtype, every_kth_checkpointing, fp8_storage, make_optimizer
-from .metrics import MetricsLog
+from .metrics import MetricsLog, check_reporting
 from .runlock import RunLock, StopFlag
 from .summary import data_summary, memory_forecast, model_summary
 
@@ -90,10 +90,17 @@ def check_before_loading(cfg: TrainConfig):
         check_targets(transformer_skeleton(cfg.model.path), cfg.lora.target_modules)
     family_options(cfg, facts)  # another family's options are refused, not ignored
     check_switches(cfg, world_size())
+    check_reporting(cfg.logging.report_to)
     if cfg.ema.decay and STRATEGIES[cfg.distributed.strategy].sharded:
         raise CogtuneError(f"ema.decay with distributed.strategy={cfg.distributed.strategy}: the parameters are split "
                            "across ranks, which the average does not follow yet; use zero2, ddp or one process")
     return facts
+
+
+def metrics_log(cfg: TrainConfig, out: Path, main: bool, run_config: dict) -> MetricsLog:
+    init = {"project": cfg.logging.wandb_project, "name": cfg.logging.wandb_name or out.resolve().name,
+            "config": run_config}
+    return MetricsLog(out / "logs", enabled=main, report_to=cfg.logging.report_to, wandb_init=init)
 
 
 def prepare_output(cfg: TrainConfig, out: Path, lock: RunLock, accelerator, run_config: dict) -> Path | None:
@@ -241,5 +248,5 @@ def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
     fixed = held or list(range(len(data.dataset)))  # without a holdout: training clips (train_fixed_loss)
     heldout = [data.dataset[i] for i in fixed[:cfg.validation.heldout_clips or (len(held) if held else 2)]]
     return Run(cfg, out, accelerator, spec, data, validator, model, transformer, params, optimizer, lr_scheduler,
-               sampler, sharded, run_config, MetricsLog(out / "logs", enabled=accelerator.is_main_process), heldout,
+               sampler, sharded, run_config, metrics_log(cfg, out, accelerator.is_main_process, run_config), heldout,
                "heldout_loss" if held else "train_fixed_loss", step, resume_from, ema)
