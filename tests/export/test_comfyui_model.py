@@ -209,6 +209,8 @@ def test_bad_inputs_one_line_nothing_written(tiny_model, tmp_path, capsys):
     config = json.loads((other / "config.json").read_text()) | {"_class_name": "UNet2DConditionModel"}
     (other / "config.json").write_text(json.dumps(config))
     _fails(capsys, ["convert", "comfyui", str(other), str(out)], "UNet2DConditionModel")
+    wan = tiny_model("wan2.1-t2v-1.3b")  # a family cogtune trains, whose ComfyUI names it does not know yet
+    _fails(capsys, ["convert", "comfyui", str(wan), str(out)], "wan model", "ComfyUI's names")
     zero = tmp_path / "ckpt"
     zero.mkdir()
     (zero / "latest").write_text("global_step2")
