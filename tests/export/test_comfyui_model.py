@@ -189,7 +189,25 @@ def test_transformer_folder_and_lora_merge_output(tiny_model, tmp_path):
         assert torch.equal(fresh.state_dict()[key], tensor), key
 
 
+def test_5b_i2v_trained_without_its_table_runs_with_rope_in_comfyui(tiny_model, tmp_path):
+    """A 5B-I2V folder saved without the learned table (model.drop_learned_positions): ComfyUI reads I2V + RoPE,
+    exactly the model diffusers builds from that folder, and no caveat about RoPE is printed."""
+    dropped = tmp_path / "dropped"
+    CogVideoXTransformer3DModel.from_pretrained(str(tiny_model("cogvideox-5b-i2v") / "transformer"),
+                                                use_learned_positional_embeddings=False).save_pretrained(dropped)
+    path, caveats = convert_comfyui(dropped, tmp_path / "m.safetensors")
+    found = comfyui.detect(_shapes(path))
+    assert found["model_class"] == "CogVideoX_I2V" and found["use_rotary_positional_embeddings"] is True
+    assert "patch_embed.pos_embedding" not in _shapes(path)
+    assert not [c for c in caveats if "RoPE" in c]
+    source = CogVideoXTransformer3DModel.from_pretrained(str(dropped))
+    fresh = _reloaded(source, path)
+    for key, tensor in source.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], tensor), key
+
+
 def _fails(capsys, argv, *words):
+    capsys.readouterr()  # what earlier steps printed (e.g. a fixture's save_pretrained progress bars)
     assert main(argv) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -204,6 +222,9 @@ def test_bad_inputs_one_line_nothing_written(tiny_model, tmp_path, capsys):
     lora, _ = make_lora(model, tmp_path / "lora", seed=4)
     _fails(capsys, ["convert", "comfyui", str(lora), str(out)], "is a LoRA", "lora convert")
     _fails(capsys, ["convert", "comfyui", str(lora.parent), str(out)], "is a LoRA")
+    run = tmp_path / "run"  # a LoRA run's output_dir
+    shutil.copytree(lora.parent, run / "lora")
+    _fails(capsys, ["convert", "comfyui", str(run), str(out)], "is a LoRA")
     other = tmp_path / "unet"
     shutil.copytree(model / "transformer", other)
     config = json.loads((other / "config.json").read_text()) | {"_class_name": "UNet2DConditionModel"}

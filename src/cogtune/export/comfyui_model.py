@@ -58,7 +58,7 @@ def source_folder(src: str | Path) -> Path:
             return folder
     if (src / "latest").is_file() or any(src.glob("*/*model_states.pt")) or any(src.glob("*model_states.pt")):
         raise CogtuneError(f"{where} is a DeepSpeed ZeRO or SAT checkpoint, not a diffusers folder: {_DIFFUSERS_FIRST}")
-    for name in (WEIGHT_NAME, COMFY_NAME):
+    for name in (WEIGHT_NAME, COMFY_NAME, f"lora/{WEIGHT_NAME}"):  # a LoRA folder, or a LoRA run's output_dir
         if (src / name).is_file():
             _refuse_lora_file(src / name)
     raise CogtuneError(f"{where} has no {CONFIG_NAME} and no transformer/{CONFIG_NAME}: give a diffusers "
