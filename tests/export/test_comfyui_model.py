@@ -88,7 +88,7 @@ def test_comfyui_detector_reads_the_variant(converted, variant):
     assert json.loads(meta["cogtune.transformer_config"])["in_channels"] == cfg["in_channels"]
 
 
-def test_real_size_configs_need_no_caveat_but_5b_i2v():
+def test_real_size_configs_fit_comfyui_but_5b_i2v_rope():
     """On the published configs ComfyUI's fixed assumptions (64-wide heads, a 60x90x49 table after 226 tokens)
     hold; only 5B-I2V's RoPE + learned table is something its detector cannot express."""
     from cogtune.models import family
@@ -100,6 +100,15 @@ def test_real_size_configs_need_no_caveat_but_5b_i2v():
         rope_note = [n for n in notes if "no RoPE" in n]
         assert bool(rope_note) is (variant == "cogvideox-5b-i2v"), (variant, notes)
         assert not [n for n in notes if "will not load" in n or "64-wide" in n], (variant, notes)
+    # the tables a real 2B / 5B-I2V file holds have the shape ComfyUI's model builds (else its load would fail)
+    from cogtune.export.shards import model_specs
+
+    width = {"patch_size": 2, "patch_size_t": None}
+    sincos = fam.comfyui_extra_tensors(real_configs("cogvideox-2b")["transformer"])["patch_embed.pos_embedding"]
+    assert tuple(sincos.shape) == comfyui.table_shape(width | {"width": 1920}, 60, 90, 49)
+    learned = model_specs(real_configs("cogvideox-5b-i2v")["transformer"])["patch_embed.pos_embedding"]
+    assert learned.shape == comfyui.table_shape(width | {"width": 3072}, 60, 90, 49)
+    assert not fam.comfyui_extra_tensors(real_configs("cogvideox-5b")["transformer"])
 
 
 def _stock_inputs(model, variant):
