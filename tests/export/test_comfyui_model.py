@@ -261,3 +261,14 @@ def test_bad_inputs_one_line_nothing_written(tiny_model, tmp_path, capsys):
     assert main(["convert", "comfyui", str(model), str(out), "--overwrite"]) == 0
     assert comfyui.detect(_shapes(out)) is not None
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.safetensors"]  # no temp file left
+
+
+def test_full_fine_tune_card_names_the_comfyui_command(tmp_path):
+    from cogtune.export.model_card import write_model_card
+
+    for variant, expected in (("cogvideox-5b", True), ("wan2.1-t2v-1.3b", False)):
+        folder = tmp_path / variant
+        folder.mkdir()
+        card = write_model_card(folder, base_model="base", hub_id="", variant=variant, i2v=False, method="sft",
+                                settings={}, files=[]).read_text()
+        assert ("cogtune convert comfyui" in card) is expected, card
