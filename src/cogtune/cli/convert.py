@@ -1,8 +1,8 @@
-"""`cogtune convert sat|zero|fsdp`: foreign checkpoints to diffusers."""
+"""`cogtune convert sat|zero|fsdp`: foreign checkpoints to diffusers; `convert comfyui`: diffusers to ComfyUI."""
 
 from __future__ import annotations
 
-HELP = "convert foreign checkpoints to diffusers"
+HELP = "convert foreign checkpoints to diffusers, and diffusers models to ComfyUI's single file"
 
 
 def _sat(args) -> None:
@@ -77,6 +77,28 @@ def add_fsdp(convert) -> None:
     _full_model(p, "a checkpoint-N folder of an fsdp2 run (or its sharded/)", convert_fsdp)
 
 
+def _comfyui(args) -> None:
+    from ..export.comfyui_model import convert_comfyui, summary
+
+    out, caveats = convert_comfyui(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(summary(out, caveats))
+
+
+def add_comfyui(convert) -> None:
+    p = convert.add_parser(
+        "comfyui", help="diffusers transformer folder -> ComfyUI core's single file (Load Diffusion Model)",
+        description="Write a diffusers transformer folder (an SFT export, a `lora merge` output, a converted ZeRO/"
+                    "FSDP/SAT checkpoint, or a pipeline folder's transformer/) as the single .safetensors file "
+                    "ComfyUI core loads from models/diffusion_models/ with its \"Load Diffusion Model\" node: every "
+                    "tensor under ComfyUI's names, plus what its model detector needs to pick the variant. A ZeRO, "
+                    "FSDP or SAT checkpoint converts to a diffusers folder first (convert zero|fsdp|sat), then here.")
+    p.add_argument("src", metavar="SRC", help="diffusers transformer folder, or a pipeline folder (its transformer/)")
+    p.add_argument("out", metavar="OUT", help="output file, e.g. my_model.safetensors")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights dtype (default: keep the source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (atomically)")
+    p.set_defaults(func=_comfyui)
+
+
 def register(sub) -> None:
     from .common import group
 
@@ -84,3 +106,4 @@ def register(sub) -> None:
     add_sat(convert)
     add_zero(convert)
     add_fsdp(convert)
+    add_comfyui(convert)

@@ -68,6 +68,19 @@ def to_comfy_module(module: str) -> str | None:
     return _TOP_NAMES.get(module)
 
 
+_TOP_TENSORS = {"patch_embed.pos_embedding": "patch_embed.pos_embedding"}  # tensors that are no module's parameter
+
+
+def to_comfy_key(key: str) -> str | None:
+    """A full model's state-dict key in ComfyUI's names (`<module>.weight` via `to_comfy_module`); None if ComfyUI's
+    model has no such tensor."""
+    if key in _TOP_TENSORS:
+        return _TOP_TENSORS[key]
+    module, _, leaf = key.rpartition(".")
+    comfy = to_comfy_module(module) if module else None
+    return None if comfy is None else f"{comfy}.{leaf}"
+
+
 def from_comfy_module(module: str) -> str | None:
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
     if m:

@@ -14,6 +14,14 @@ CLIENTS = {  # file name -> the clients that load it as it is
 }
 
 
+def _comfyui_names(variant: str) -> bool:
+    """Whether `cogtune convert comfyui` writes a ComfyUI file for models of this variant's family."""
+    from ..models import all_variants, family
+
+    facts = all_variants().get(variant)
+    return facts is not None and bool(family(facts.family).COMFYUI_LORAS)
+
+
 def write_model_card(folder: str | Path, *, base_model: str, hub_id: str, variant: str, i2v: bool, method: str,
                      settings: dict, files: list[str], trigger: str | None = None,
                      transformer_overrides: dict | None = None) -> Path:
@@ -32,6 +40,9 @@ def write_model_card(folder: str | Path, *, base_model: str, hub_id: str, varian
     what = "LoRA" if lora else "full fine-tune"
     rows = "\n".join(f"| `{name}` | {CLIENTS.get(name, 'diffusers')} |" for name in files) if lora else \
         "| this folder (safetensors shards, index, config.json) | diffusers `from_pretrained`, as the transformer |"
+    if not lora and _comfyui_names(variant):
+        rows += ("\n| one file from `cogtune convert comfyui THIS_FOLDER model.safetensors` | ComfyUI core (its "
+                 "\"Load Diffusion Model\" node, file in `models/diffusion_models/`) |")
     trained = "\n".join(f"- {k}: {v}" for k, v in settings.items())
     overrides = "".join(f", {k}={v!r}" for k, v in (transformer_overrides or {}).items())
     if lora and overrides:  # the base transformer must be built as it was trained

@@ -8,7 +8,9 @@ A family is one module listed in FAMILIES (its light entry: no diffusers at impo
   transformer_skeleton(config) -> meta-device module, build_tiny_pipeline(variant, seed), tiny_size(variant),
   memory_configs(name) -> real configs for the planner, or None when it has no memory profile yet,
   OPTIONS: the name of the config section holding the family's own options (validated by it), or None,
-  COMFYUI_LORAS: whether export/lora_formats.py knows ComfyUI's names for its LoRAs.
+  COMFYUI_LORAS: whether export/lora_formats.py knows ComfyUI's names for its modules (LoRAs and full models);
+  then also comfyui_extra_tensors(config) -> {diffusers key: tensor} a ComfyUI single file needs beyond the stored
+  weights, and comfyui_caveats(config) -> [where ComfyUI core would build the model differently].
 Everything else in cogtune talks to a model through ModelFacts (models/facts.py) and ModelSpec (models/spec.py).
 """
 

@@ -197,3 +197,57 @@ class CogVideoXSpec(PipelineSpec):
         pred = transformer(**kwargs)[0].float()
         weighting = loss_cfg.weighting if loss_cfg is not None else "default"
         return self.objective.loss(pred, x0, noise, noisy, timesteps, weighting)
+
+
+# --- ComfyUI core's single-file layout (export/comfyui_model.py) ---------------------------------------------------
+# ComfyUI core (comfy/model_detection.py, CogVideoX branch) reads a file's variant from its tensors alone: width from
+# blocks.0.norm1.linear (heads = width // 64), in_channels / patch sizes from patch_embed.proj, ofs from its
+# embedding, and "a patch_embed.pos_embedding is present" as learned table AND no RoPE (absent: RoPE). Its model
+# (comfy/ldm/cogvideo/model.py) builds that table for sample 60x90x49 after 226 text tokens and slices it.
+COMFY_HEAD_DIM = 64
+COMFY_TABLE_SAMPLE = (60, 90, 49)  # sample_height, sample_width, sample_frames ComfyUI builds the table for
+POSITIONS_KEY = "patch_embed.pos_embedding"
+
+
+def comfyui_extra_tensors(config: dict) -> dict[str, torch.Tensor]:
+    """Tensors ComfyUI's file needs that diffusers does not store: 2B's sin-cos table (a non-persistent buffer in
+    diffusers), without which ComfyUI would pick RoPE. Keys in diffusers names."""
+    from diffusers.models.embeddings import CogVideoXPatchEmbed
+
+    cfg = transformer_skeleton(config).config  # the config with diffusers' defaults filled in
+    if cfg.use_rotary_positional_embeddings or cfg.use_learned_positional_embeddings:
+        return {}
+    embed = CogVideoXPatchEmbed(
+        patch_size=cfg.patch_size, patch_size_t=cfg.patch_size_t, in_channels=cfg.in_channels,
+        embed_dim=cfg.num_attention_heads * cfg.attention_head_dim, text_embed_dim=cfg.text_embed_dim,
+        bias=cfg.patch_bias, sample_width=cfg.sample_width, sample_height=cfg.sample_height,
+        sample_frames=cfg.sample_frames, temporal_compression_ratio=cfg.temporal_compression_ratio,
+        max_text_seq_length=cfg.max_text_seq_length, spatial_interpolation_scale=cfg.spatial_interpolation_scale,
+        temporal_interpolation_scale=cfg.temporal_interpolation_scale, use_positional_embeddings=True,
+        use_learned_positional_embeddings=False)
+    return {POSITIONS_KEY: embed.pos_embedding.detach().clone()}
+
+
+def comfyui_caveats(config: dict) -> list[str]:
+    """Where ComfyUI core, reading only the tensors, would build this model differently from diffusers."""
+    cfg = transformer_skeleton(config).config
+    notes = []
+    if cfg.attention_head_dim != COMFY_HEAD_DIM:
+        notes.append(f"ComfyUI core assumes {COMFY_HEAD_DIM}-wide attention heads; this model has "
+                     f"{cfg.num_attention_heads} heads of {cfg.attention_head_dim}, so ComfyUI would split its "
+                     f"attention differently")
+    if cfg.use_rotary_positional_embeddings and cfg.use_learned_positional_embeddings:
+        notes.append("ComfyUI core reads a learned positional table as 'no RoPE', so it runs this model without its "
+                     "rotary embeddings; a model trained with model.drop_learned_positions has no table and runs "
+                     "with RoPE as in diffusers")
+    has_table = cfg.use_learned_positional_embeddings or not cfg.use_rotary_positional_embeddings
+    sample = (cfg.sample_height, cfg.sample_width, cfg.sample_frames)
+    if has_table and (sample != COMFY_TABLE_SAMPLE or cfg.max_text_seq_length != MAX_TEXT_TOKENS):
+        notes.append(f"ComfyUI core builds the positional table for sample {COMFY_TABLE_SAMPLE[0]}x"
+                     f"{COMFY_TABLE_SAMPLE[1]}x{COMFY_TABLE_SAMPLE[2]} after {MAX_TEXT_TOKENS} text tokens; this "
+                     f"model's is for {sample[0]}x{sample[1]}x{sample[2]} after {cfg.max_text_seq_length}, so the "
+                     f"file will not load there")
+    if not cfg.use_rotary_positional_embeddings and not cfg.use_learned_positional_embeddings:
+        notes.append("ComfyUI core slices the stored sin-cos table where diffusers recomputes it for the size "
+                     "asked: outputs match at the model's native height and width")
+    return notes

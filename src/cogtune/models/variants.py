@@ -30,7 +30,7 @@ FAMILY = "cogvideox"
 CONFIG_KEYS = ("text_embed_dim", "time_embed_dim")
 PIPELINES = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")
 OPTIONS = "i2v"  # the config section of this family's own options (I2V image noise and dropout)
-# ComfyUI core's native CogVideoX names exist for these LoRAs (export/lora_formats.py)
+# ComfyUI core's native CogVideoX names exist for these models and their LoRAs (export/lora_formats.py)
 COMFYUI_LORAS = True
 _COMMON = dict(
     family=FAMILY, size_multiple=16, text_tokens=226, guidance=6.0, objective="v_prediction",
@@ -103,6 +103,18 @@ def transformer_skeleton(config: dict):
     from .cogvideox import transformer_skeleton as skeleton
 
     return skeleton(config)
+
+
+def comfyui_extra_tensors(config: dict) -> dict:
+    from .cogvideox import comfyui_extra_tensors as extra
+
+    return extra(config)
+
+
+def comfyui_caveats(config: dict) -> list[str]:
+    from .cogvideox import comfyui_caveats as caveats
+
+    return caveats(config)
 
 
 def build_tiny_pipeline(variant: str, seed: int = 0):
