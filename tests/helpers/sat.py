@@ -43,3 +43,49 @@ def to_sat(sd: dict[str, torch.Tensor], layers: int, rope: bool) -> dict[str, to
     out["first_stage_model.encoder.conv_in.weight"] = torch.randn(2)  # not the transformer: ignored
     return out
 
+
+
+def write_z3(sat: dict[str, torch.Tensor], folder, world: int, buffers: tuple[str, ...] = ()) -> None:
+    """SAT's ZeRO-3 files written by hand (the layout sat_zero3_train.py gets from a real engine): per rank
+    `z3_rank_RR_model_states.pt` = {'module': {'module.' + name: ceil(numel / world) elements, zero-padded, with
+    `ds_shape`}}, buffers whole."""
+    import math
+
+    folder.mkdir(parents=True)
+    for rank in range(world):
+        module = {}
+        for name, t in sat.items():
+            if name in buffers:
+                module[f"module.{name}"] = t
+                continue
+            part = math.ceil(t.numel() / world)
+            piece = torch.zeros(part, dtype=t.dtype)
+            flat = t.reshape(-1)[rank * part:(rank + 1) * part]
+            piece[:flat.numel()] = flat
+            piece.ds_shape = t.shape
+            module[f"module.{name}"] = piece
+        torch.save({"module": module}, folder / f"z3_rank_{rank:02d}_model_states.pt")
+
+
+def run_sat_zero3(sat: dict[str, torch.Tensor], root, buffers: tuple[str, ...] = ()):
+    """(SAT save folder, reference tensors) of tests/helpers/sat_zero3_train.py on 2 CPU ranks from `sat`."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from helpers.zero import free_port
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save(sat, root / "tensors.pt")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(Path(__file__).parent / "sat_zero3_train.py"), "--tensors",
+           str(root / "tensors.pt"), "--buffers", ",".join(buffers), "--save", str(root / "save"), "--ref",
+           str(root / "ref.safetensors")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root / "save", load_file(str(root / "ref.safetensors"))

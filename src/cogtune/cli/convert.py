@@ -10,7 +10,7 @@ def _sat(args) -> None:
 
     path = convert_sat(args.ckpt, args.out, args.variant, alpha=args.alpha, config=args.config, dtype=args.dtype,
                        max_shard_size=args.max_shard_size, overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle,
-                       source=args.source)
+                       source=args.source, ema=args.ema)
     print(f"wrote {path}")
 
 
@@ -21,7 +21,9 @@ def add_sat(convert) -> None:
 
     variants = family(SAT_FAMILY).VARIANTS
     p = convert.add_parser("sat", help="SAT checkpoint or LoRA (or an alpha-less official-trainer LoRA) -> diffusers")
-    p.add_argument("ckpt", metavar="CKPT", help=f"{SAT_FILE}, a SAT save folder, or an official-trainer LoRA")
+    p.add_argument("ckpt", metavar="CKPT", help=f"{SAT_FILE}, a SAT iteration folder (also a ZeRO-3 one of "
+                                                 "z3_rank_* files), a SAT save folder (latest + <iteration>/), or an "
+                                                 "official-trainer LoRA")
     p.add_argument("out", metavar="OUT", help="transformer folder (full checkpoint) or LoRA folder/.safetensors")
     p.add_argument("--variant", choices=sorted(variants),
                    help="the model it was trained on (a full checkpoint's own keys are checked against it, or decide "
@@ -31,6 +33,8 @@ def add_sat(convert) -> None:
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: SAT 1; official finetune trainer 64)")
     p.add_argument("--config", help="transformer config.json (or model folder) to use instead of the published one")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--ema", action="store_true", help="of a SAT save folder, convert the EMA weights (<iteration>-ema/) "
+                                                      "instead of the plain ones")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT folder or an existing LoRA file")
     add_unsafe(p)

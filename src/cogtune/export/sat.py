@@ -44,6 +44,7 @@ from .lora_formats import (PREFIX, WEIGHT_NAME, LoraWeights, build_lora_config, 
 
 SAT_PREFIX = "model.diffusion_model."
 SAT_FILE = "mp_rank_00_model_states.pt"
+EMA_SUFFIX = "-ema"  # sat/training/model_io.py saves the EMA weights as tag <iteration>-ema
 SAT_FAMILY = "cogvideox"  # SAT is this family's own training format
 SAT_LORA_ALPHA = 1.0  # sat.model.finetune.lora2.LoraMixin default
 FINETUNE_LORA_ALPHA = 64.0  # CogVideo finetune/schemas/args.py default (rank 128)
@@ -76,31 +77,81 @@ _LORA = re.compile(r"transformer\.layers\.(\d+)\.attention\.(query_key_value|den
 # --- reading a SAT checkpoint ---------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The file to read: a SAT .pt, or an official-trainer LoRA .safetensors."""
+def _weights_in(folder: Path) -> Path | None:
+    """What `folder` itself holds: a SAT file, a ZeRO-3 save (the folder), or an official-trainer LoRA."""
+    from .sat_zero3 import z3_files
+
+    for name in (SAT_FILE, WEIGHT_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    return folder if z3_files(folder) else None
+
+
+def _iteration(root: Path) -> str:
+    """The iteration folder of a SAT save folder to convert: `latest`'s, or the only one."""
+    if (root / "latest").is_file():
+        tag = (root / "latest").read_text().strip()
+        if tag.endswith(EMA_SUFFIX):  # SAT writes latest = N-ema, then N: the save stopped between the two
+            raise CogtuneError(f"{root}/latest names {tag}, the EMA copy (an interrupted save?): pass {root / tag} "
+                               f"for the EMA weights or {root / tag.removesuffix(EMA_SUFFIX)} for the plain ones")
+        return tag
+    tags = sorted({p.name.removesuffix(EMA_SUFFIX) for p in root.iterdir() if p.is_dir() and _weights_in(p)})
+    if len(tags) > 1:
+        raise CogtuneError(f"{root} holds iterations {', '.join(tags)} and no `latest` file to pick one: pass "
+                           f"{root / tags[-1]} (or restore {root / 'latest'})")
+    if not tags:
+        raise CogtuneError(f"{root} holds no {SAT_FILE}, no z3_rank_*_model_states.pt, no `latest` file and no "
+                           f"{WEIGHT_NAME}: give a SAT checkpoint file or folder")
+    return tags[0]
+
+
+def resolve_checkpoint(path: str | Path, ema: bool = False) -> Path:
+    """What to read: a SAT .pt, a ZeRO-3 iteration folder, or an official-trainer LoRA .safetensors. A SAT save
+    folder (`latest` + `<iteration>/`, with `<iteration>-ema/` beside it when SAT trained with EMA) gives the plain
+    iteration folder, or with `ema` its EMA copy."""
     path = Path(path)
-    if path.is_dir():
-        if (path / "latest").is_file():
-            iteration = (path / "latest").read_text().strip()
-            candidate = path / iteration / SAT_FILE
-            if not candidate.is_file():
-                raise CogtuneError(f"{path}/latest names iteration {iteration}, but {candidate} does not exist")
-            return candidate
-        for name in (SAT_FILE, WEIGHT_NAME):
-            if (path / name).is_file():
-                return path / name
-        raise CogtuneError(f"{path} holds no {SAT_FILE}, no `latest` file and no {WEIGHT_NAME}: "
-                           "give a SAT checkpoint file or folder")
-    if not path.is_file():
+    if not path.exists():
         raise CogtuneError(f"checkpoint {path} does not exist")
-    return path
+    if path.is_file() or (found := _weights_in(path)) is not None:
+        if ema and not (path if path.is_dir() else path.parent).name.endswith(EMA_SUFFIX):
+            raise CogtuneError(f"--ema picks the <iteration>{EMA_SUFFIX}/ folder of a SAT save folder, but {path} is one "
+                               "checkpoint: pass the save folder (the one holding `latest`), or leave out --ema")
+        return path if path.is_file() else found
+    tag = _iteration(path)
+    folder = path / (tag + EMA_SUFFIX if ema else tag)
+    found = _weights_in(folder) if folder.is_dir() else None
+    if found is None and ema:
+        raise CogtuneError(f"--ema: {folder} does not exist or holds no weights (SAT writes <iteration>{EMA_SUFFIX}/ "
+                           "only when it trains with EMA): leave out --ema for the plain weights")
+    if found is None:
+        raise CogtuneError(f"{path}/latest names iteration {tag}, but {folder} holds no {SAT_FILE} and no "
+                           "z3_rank_*_model_states.pt: the save is incomplete; copy the whole folder")
+    return found
+
+
+def describe(path: Path) -> str:
+    """Which weights `path` (from resolve_checkpoint) are, for the line convert_sat prints."""
+    from .sat_zero3 import z3_files
+
+    folder = path if path.is_dir() else path.parent
+    kind = f"ZeRO-3 shards of {len(z3_files(path))} rank(s)" if path.is_dir() else path.name
+    if folder.name.endswith(EMA_SUFFIX):
+        return f"{folder} ({kind}, EMA weights)"
+    ema = folder.parent / (folder.name + EMA_SUFFIX)
+    other = f"; the EMA weights are beside it in {ema}: --ema on the save folder converts them" if ema.is_dir() else ""
+    return f"{folder} ({kind}, plain weights{other})"
 
 
 def load_sat_state_dict(path: Path, unsafe_pickle: bool | None = None) -> dict[str, torch.Tensor]:
-    """The `model.diffusion_model.*` tensors of a SAT checkpoint (nested under model/module/state_dict), read
-    weights-only (tensors, DeepSpeed's fields and SAT's RNG states) unless `unsafe_pickle`."""
-    saved = pickles.load_checkpoint_file(path, unsafe=unsafe_pickle)
-    state = saved
+    """The `model.diffusion_model.*` tensors of a SAT checkpoint (nested under model/module/state_dict; or gathered
+    from a ZeRO-3 iteration folder), read weights-only (tensors, DeepSpeed's fields and SAT's RNG states) unless
+    `unsafe_pickle`."""
+    if path.is_dir():
+        from .sat_zero3 import gather_z3
+
+        state = gather_z3(path, unsafe_pickle)
+    else:
+        state = pickles.load_checkpoint_file(path, unsafe=unsafe_pickle)
     for key in ("model", "module", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -316,17 +367,20 @@ def convert_sat_lora(sat: dict[str, torch.Tensor], out: Path, variant: str | Non
 
 def convert_sat(ckpt: str | Path, out: str | Path, variant: str | None = None, alpha: float | None = None,
                 config: str | Path | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
-                overwrite: bool = False, unsafe_pickle: bool | None = None, source: str | None = None) -> Path:
+                overwrite: bool = False, unsafe_pickle: bool | None = None, source: str | None = None,
+                ema: bool = False) -> Path:
     """Convert CKPT (SAT full/LoRA checkpoint, or an official-trainer LoRA) into OUT; returns what was written.
-    `variant`: checked against what a full checkpoint's keys say (and taken from them when None)."""
+    `variant`: checked against what a full checkpoint's keys say (and taken from them when None). `ema`: of a SAT
+    save folder, convert `<iteration>-ema/` instead of `<iteration>/`."""
     from ..models import family
     from .shards import check_output_folder, save_transformer_folder
 
     if variant is not None:
         family(SAT_FAMILY).get_variant(variant)
-    path, out = resolve_checkpoint(ckpt), Path(out)
+    path, out = resolve_checkpoint(ckpt, ema), Path(out)
     if path.suffix == ".safetensors":
         return convert_official_lora(path, out, variant, alpha, overwrite, source)
+    print(f"converting {describe(path)}")
     sat = load_sat_state_dict(path, unsafe_pickle)
     if any(".matrix_A." in k for k in sat):
         return convert_sat_lora(sat, out, variant, alpha, overwrite)
