@@ -65,7 +65,7 @@ def test_real_zero3_save_gathers_exactly(z3_save, tmp_path, capsys):
     assert odd.numel() % 2 == 1  # the last rank's partition was padded
 
     cli([save, tmp_path / "out", "--max-shard-size", "40KB"])  # the save folder: latest -> 6/
-    assert f"converting {save / '6'} (ZeRO-3 shards of 2 rank(s), plain weights)" in capsys.readouterr().out
+    assert f"converting {save / '6'} (ZeRO-3 shards of 2 rank(s))\n" in capsys.readouterr().out
     converted = CogVideoXTransformer3DModel.from_pretrained(str(tmp_path / "out")).state_dict()
     expected, _ = sat_to_diffusers({k: v for k, v in ref.items() if k.startswith(SAT_PREFIX)})
     assert converted.keys() == expected.keys()
@@ -152,7 +152,8 @@ def test_mp_rank_save_with_ema(tiny_model, tmp_path, capsys):
         torch.save({"module": sat, "iteration": 10}, tmp_path / "save" / tag / "mp_rank_00_model_states.pt")
     (tmp_path / "save" / "latest").write_text("10\n")
     convert_sat(tmp_path / "save", tmp_path / "out", ema=True)
-    assert "mp_rank_00_model_states.pt, EMA weights" in capsys.readouterr().out
+    assert f"converting {tmp_path / 'save' / '10-ema' / 'mp_rank_00_model_states.pt'} (EMA weights)" in \
+        capsys.readouterr().out
     got = CogVideoXTransformer3DModel.from_pretrained(str(tmp_path / "out")).state_dict()
     expected, _ = sat_to_diffusers({k: v for k, v in ema.items() if k.startswith(SAT_PREFIX)})
     assert all(torch.equal(got[k], expected[k]) for k in expected)

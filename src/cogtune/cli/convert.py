@@ -10,7 +10,7 @@ def _sat(args) -> None:
 
     path = convert_sat(args.ckpt, args.out, args.variant, alpha=args.alpha, config=args.config, dtype=args.dtype,
                        max_shard_size=args.max_shard_size, overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle,
-                       source=args.source, ema=args.ema)
+                       source=args.source, ema=args.ema, merge_into=args.merge_into)
     print(f"wrote {path}")
 
 
@@ -35,6 +35,9 @@ def add_sat(convert) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the checkpoint's)")
     p.add_argument("--ema", action="store_true", help="of a SAT save folder, convert the EMA weights (<iteration>-ema/) "
                                                       "instead of the plain ones")
+    p.add_argument("--merge-into", metavar="MODEL_DIR",
+                   help="fuse the LoRA into this model's transformer at its scale (alpha/r) and write OUT as the "
+                        "merged transformer folder (what `cogtune lora merge` does with the converted LoRA)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT folder or an existing LoRA file")
     add_unsafe(p)

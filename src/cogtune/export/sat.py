@@ -134,12 +134,14 @@ def describe(path: Path) -> str:
     from .sat_zero3 import z3_files
 
     folder = path if path.is_dir() else path.parent
-    kind = f"ZeRO-3 shards of {len(z3_files(path))} rank(s)" if path.is_dir() else path.name
-    if folder.name.endswith(EMA_SUFFIX):
-        return f"{folder} ({kind}, EMA weights)"
+    details = [f"ZeRO-3 shards of {len(z3_files(path))} rank(s)"] if path.is_dir() else []
     ema = folder.parent / (folder.name + EMA_SUFFIX)
-    other = f"; the EMA weights are beside it in {ema}: --ema on the save folder converts them" if ema.is_dir() else ""
-    return f"{folder} ({kind}, plain weights{other})"
+    if folder.name.endswith(EMA_SUFFIX):
+        details.append("EMA weights")
+    elif ema.is_dir():
+        details.append(f"plain weights; the EMA weights are beside it in {ema}: --ema on the save folder converts "
+                       "them")
+    return f"{path} ({', '.join(details)})" if details else str(path)
 
 
 def load_sat_state_dict(path: Path, unsafe_pickle: bool | None = None) -> dict[str, torch.Tensor]:
@@ -368,7 +370,7 @@ def convert_sat_lora(sat: dict[str, torch.Tensor], out: Path, variant: str | Non
 def convert_sat(ckpt: str | Path, out: str | Path, variant: str | None = None, alpha: float | None = None,
                 config: str | Path | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
                 overwrite: bool = False, unsafe_pickle: bool | None = None, source: str | None = None,
-                ema: bool = False) -> Path:
+                ema: bool = False, merge_into: str | Path | None = None) -> Path:
     """Convert CKPT (SAT full/LoRA checkpoint, or an official-trainer LoRA) into OUT; returns what was written.
     `variant`: checked against what a full checkpoint's keys say (and taken from them when None). `ema`: of a SAT
     save folder, convert `<iteration>-ema/` instead of `<iteration>/`."""
@@ -378,6 +380,9 @@ def convert_sat(ckpt: str | Path, out: str | Path, variant: str | None = None, a
     if variant is not None:
         family(SAT_FAMILY).get_variant(variant)
     path, out = resolve_checkpoint(ckpt, ema), Path(out)
+    if merge_into is not None:
+        return _merge_lora(path, out, merge_into, variant, alpha, source, dtype, max_shard_size, overwrite,
+                           unsafe_pickle)
     if path.suffix == ".safetensors":
         return convert_official_lora(path, out, variant, alpha, overwrite, source)
     print(f"converting {describe(path)}")
@@ -393,3 +398,33 @@ def convert_sat(ckpt: str | Path, out: str | Path, variant: str | None = None, a
                                    max_shard_size=max_shard_size, overwrite=overwrite)
 
 
+
+
+def _merge_lora(path: Path, out: Path, model: str | Path, variant: str | None, alpha: float | None,
+                source: str | None, dtype: str | None, max_shard_size: str, overwrite: bool,
+                unsafe_pickle: bool | None) -> Path:
+    """Convert the LoRA at `path` into a temporary diffusers LoRA, then `cogtune lora merge` it into `model`."""
+    import tempfile
+
+    from .lora_compat import transformer_config
+    from .merge import MERGE_INFO, merge_loras
+    from .shards import check_output_folder
+    from ..models import variant_of_configs
+
+    check_output_folder(out, overwrite)
+    if variant is None:  # the model merged into says which
+        variant = variant_of_configs(*transformer_config(model)).name
+    if path.suffix != ".safetensors":
+        print(f"converting {describe(path)}")
+        sat = load_sat_state_dict(path, unsafe_pickle)
+        if not any(".matrix_A." in k for k in sat):
+            raise CogtuneError(f"--merge-into fuses a LoRA, but {path} is a full SAT checkpoint (no matrix_A "
+                               "weights): convert it without --merge-into")
+    with tempfile.TemporaryDirectory(prefix="cogtune-sat-lora-") as tmp:
+        lora = convert_official_lora(path, Path(tmp), variant, alpha, False, source) if path.suffix == \
+            ".safetensors" else convert_sat_lora(sat, Path(tmp), variant, alpha)
+        merge_loras(model, [str(lora)], out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    info = json.loads((out / MERGE_INFO).read_text())  # name the checkpoint, not the temporary LoRA file
+    info["loras"][0]["path"] = str(path.absolute())
+    (out / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return out
