@@ -1,8 +1,10 @@
 """Convert CogVideo's SAT checkpoints (and alpha-less official-trainer LoRAs) to diffusers.
 
 `cogtune convert sat CKPT OUT --variant V` takes:
-- a SAT full checkpoint (`mp_rank_00_model_states.pt` with a `module` dict, a folder holding one, or a SAT save
-  folder with `latest` + `<iteration>/mp_rank_00_model_states.pt`) -> OUT is a diffusers transformer folder;
+- a SAT full checkpoint (`mp_rank_00_model_states.pt` with a `module` dict, a folder holding one, a ZeRO-3 iteration
+  folder of per-rank `z3_rank_RR_model_states.pt` (export/sat_zero3.py), or a SAT save folder with `latest` +
+  `<iteration>/`, and `<iteration>-ema/` beside it when SAT trained with EMA: `--ema` picks that) -> OUT is a diffusers
+  transformer folder (`--merge-into MODEL`: a LoRA fused into MODEL's transformer, by `cogtune lora merge`);
 - a SAT LoRA checkpoint (keys `...attention.query_key_value.matrix_A.0` etc.) -> OUT/pytorch_lora_weights.safetensors;
 - a LoRA saved by CogVideo's diffusers-route `finetune/` trainer (diffusers keys, no alpha stored)
   -> OUT/pytorch_lora_weights.safetensors with its LoraConfig in the metadata, so it loads at the trained scale.
