@@ -105,12 +105,15 @@ def test_incomplete_or_mixed_zero3_saves_are_refused(z3_save, tiny_model, tmp_pa
 def test_single_rank_zero3_and_ema_folders(tiny_model, tmp_path, capsys):
     """SAT's save folder with EMA: latest -> 1000, 1000/ and 1000-ema/ beside it (here ZeRO-3 of one rank, the
     single-GPU case, whose one file holds every tensor whole but flat)."""
-    plain, model = sat_of(tiny_model)
+    plain, _ = sat_of(tiny_model)
     ema, _ = sat_of(tiny_model, seed=7)
     save = tmp_path / "save"
     write_z3(plain, save / "1000", world=1, buffers=(FREQS,))
     write_z3(ema, save / "1000-ema", world=1, buffers=(FREQS,))
     (save / "latest").write_text("1000")
+    write_z3(plain, tmp_path / "three", world=3, buffers=(FREQS,))  # uneven: most tensors end in padding
+    got = gather_z3(tmp_path / "three")
+    assert got.keys() == plain.keys() and all(torch.equal(got[k], plain[k]) for k in plain)
 
     def converted(out):
         return CogVideoXTransformer3DModel.from_pretrained(str(out)).state_dict()

@@ -15,7 +15,6 @@ Writes REF (.safetensors): every tensor of the module under its SAT name, gather
 from __future__ import annotations
 
 import argparse
-import os
 from collections import OrderedDict
 from pathlib import Path
 

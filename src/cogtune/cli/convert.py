@@ -32,10 +32,10 @@ def add_sat(convert) -> None:
                                                       "or from tools/export_sat_lora_weight.py")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: SAT 1; official finetune trainer 64)")
     p.add_argument("--config", help="transformer config.json (or model folder) to use instead of the published one")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the checkpoint's; with --merge-into, "
-                                                              "the model's)")
-    p.add_argument("--ema", action="store_true", help="of a SAT save folder, convert the EMA weights (<iteration>-ema/) "
-                                                      "instead of the plain ones")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="weights dtype (default: the checkpoint's; with --merge-into, the model's)")
+    p.add_argument("--ema", action="store_true",
+                   help="of a SAT save folder, convert the EMA weights (<iteration>-ema/) instead of the plain ones")
     p.add_argument("--merge-into", metavar="MODEL_DIR",
                    help="fuse the LoRA into this model's transformer at its scale (alpha/r) and write OUT as the "
                         "merged transformer folder (what `cogtune lora merge` does with the converted LoRA)")

@@ -116,8 +116,8 @@ def resolve_checkpoint(path: str | Path, ema: bool = False) -> Path:
         raise CogtuneError(f"checkpoint {path} does not exist")
     if path.is_file() or (found := _weights_in(path)) is not None:
         if ema and not (path if path.is_dir() else path.parent).name.endswith(EMA_SUFFIX):
-            raise CogtuneError(f"--ema picks the <iteration>{EMA_SUFFIX}/ folder of a SAT save folder, but {path} is one "
-                               "checkpoint: pass the save folder (the one holding `latest`), or leave out --ema")
+            raise CogtuneError(f"--ema picks the <iteration>{EMA_SUFFIX}/ folder of a SAT save folder, but {path} is "
+                               "one checkpoint: pass the save folder (the one holding `latest`), or leave out --ema")
         return path if path.is_file() else found
     tag = _iteration(path)
     folder = path / (tag + EMA_SUFFIX if ema else tag)
