@@ -111,7 +111,7 @@ def test_single_rank_zero3_and_ema_folders(tiny_model, tmp_path, capsys):
     write_z3(plain, save / "1000", world=1, buffers=(FREQS,))
     write_z3(ema, save / "1000-ema", world=1, buffers=(FREQS,))
     (save / "latest").write_text("1000")
-    write_z3(plain, tmp_path / "three", world=3, buffers=(FREQS,))  # uneven: most tensors end in padding
+    write_z3(plain, tmp_path / "three", world=3, buffers=(FREQS,))  # 3 ranks: every size 3 does not divide ends in padding
     got = gather_z3(tmp_path / "three")
     assert got.keys() == plain.keys() and all(torch.equal(got[k], plain[k]) for k in plain)
 
