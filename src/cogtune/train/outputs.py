@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -61,14 +62,20 @@ def full_state_dict(accelerator, model, fsdp2: bool) -> dict[str, torch.Tensor] 
     return state if accelerator.is_main_process else None
 
 
+@functools.lru_cache(maxsize=4)
+def _base_fingerprint(transformer_dir: str) -> str:
+    """Once per run, not at every checkpoint: the base model does not change under a run."""
+    from ..data.cache import fingerprint_files
+
+    return fingerprint_files([transformer_dir])
+
+
 def run_info(spec, cfg, step: int) -> dict:
     """What a LoRA's `cogtune.*` metadata and the model cards record: no local paths (a LoRA is made to be shared),
     the base model by its published name and a content fingerprint of its transformer."""
-    from ..data.cache import fingerprint_files
-
     model = Path(cfg.model.path)
     return {"variant": spec.variant_name, "base_model": spec.facts.hub_id or model.resolve().name,
-            "base_model_fingerprint": fingerprint_files([model / "transformer"]), "method": cfg.method,
+            "base_model_fingerprint": _base_fingerprint(str((model / "transformer").resolve())), "method": cfg.method,
             "frames": cfg.data.frames, "height": cfg.data.height, "width": cfg.data.width, "steps": step,
             **({"trigger": cfg.data.trigger} if cfg.data.trigger else {}),
             **positions_info(spec.facts)}
