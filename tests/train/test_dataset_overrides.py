@@ -1,0 +1,51 @@
+"""Per-dataset sampling, fps and crop (data.datasets[].sampling, target_fps, window, short_clips, crop) and tag
+shuffling: each clip's cache key holds its own dataset's settings, so changing one re-encodes that dataset only."""
+
+from __future__ import annotations
+
+from cogtune.config import load_config
+from cogtune.models import load_spec
+from cogtune.train.encode import prepare_data
+from test_image_training import write_stills
+from test_several_datasets import _split
+
+
+def _config(model, root, cache, sampling="uniform", b_crop="random", **stills):
+    tree = {"model": {"path": str(model)}, "output_dir": str(root / "out"), "mixed_precision": "no",
+            "data": {"sampling": sampling, "cache_dir": str(cache), "datasets": [
+                {"root": str(root / "a")},
+                {"root": str(root / "b"), "sampling": "fps", "target_fps": 4, "short_clips": "pad_last",
+                 "crop": b_crop},
+                {"root": str(root / "stills"), "trigger": "sks", **stills}]}}
+    return load_config(None, base=tree)
+
+
+def test_each_dataset_caches_by_its_own_settings(tiny_model, synth_data, tmp_path):
+    _split(synth_data, tmp_path)
+    write_stills(tmp_path / "stills")
+    spec = load_spec(tiny_model())
+    cache = tmp_path / "cache"
+
+    first = prepare_data(spec, _config(tiny_model(), tmp_path, cache), progress=False)
+    settings = [dict(it.settings) for it in first.dataset.items]
+    shape = {"frames": 9, "height": 32, "width": 48}
+    assert settings[0] == shape | {"sampling": "uniform", "short_clips": "skip", "crop": "center"}
+    assert settings[3] == shape | {"sampling": "fps", "target_fps": 4, "window": "center", "short_clips": "pad_last",
+                                   "crop": "random", "seed": 42}
+    assert settings[6] == shape | {"frames": 1, "crop": "center"}  # frame sampling does not apply to an image
+    assert first.report.videos_encoded == 9
+
+    again = prepare_data(spec, _config(tiny_model(), tmp_path, cache, b_crop="center"), progress=False)
+    assert (again.report.videos_encoded, again.report.videos_cached) == (3, 6)  # b's clips only
+    head = prepare_data(spec, _config(tiny_model(), tmp_path, cache, sampling="head", b_crop="center"),
+                        progress=False)
+    assert (head.report.videos_encoded, head.report.videos_cached) == (3, 6)  # a's: b has its own, images none
+    assert first.report.prompts_encoded == 9 and head.report.prompts_encoded == 0
+
+    shuffled = prepare_data(spec, _config(tiny_model(), tmp_path, cache, sampling="head", b_crop="center",
+                                          shuffle_tags=True, tag_variants=3), progress=False)
+    orders = shuffled.dataset.tag_orders
+    assert orders[:6] == [[]] * 6 and all(len(o) == 2 for o in orders[6:])  # "a painting, NAME": two orders
+    assert all(o.startswith("sks, ") for o in orders[6]) and "sks, wide, a painting" in orders[7] + orders[6] + orders[8]
+    # of each image's two orders one is its caption as written, cached already: 3 new encodings, no clip again
+    assert shuffled.report.videos_encoded == 0 and shuffled.report.prompts_encoded == 3
