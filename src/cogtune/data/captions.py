@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 TRIGGER_SLOT = "[trigger]"
@@ -17,15 +18,18 @@ def with_trigger(caption: str, trigger: str | None) -> str:
 
 
 def tag_orders(caption: str, trigger: str | None, count: int, keep: int, key: str) -> list[str]:
-    """Up to `count` versions of `caption` with its comma-separated tags in other orders (drawn from `key`, the
-    same every time; repeats dropped), each with the trigger as `with_trigger` puts it, so it stays first. The first
+    """`count` versions of `caption` with its comma-separated tags in other orders, all different (fewer when the
+    tags have fewer orders), drawn from `key` (the same every time), each with the trigger as `with_trigger` puts it, so it stays first. The first
     `keep` tags stay where they are (kohya's keep_tokens), and so does a tag that holds the [trigger] slot."""
     tags = [t.strip() for t in caption.split(",") if t.strip()]
     fixed = set(range(min(keep, len(tags)))) | {i for i, t in enumerate(tags) if TRIGGER_SLOT in t}
     movable = [i for i in range(len(tags)) if i not in fixed]
     rng = random.Random(key)
     out: list[str] = []
-    for _ in range(count):
+    want = min(count, math.factorial(min(len(movable), 12)))
+    for _ in range(50 * count):
+        if len(out) == want:
+            break
         order = movable[:]
         rng.shuffle(order)
         picks = iter(order)
