@@ -119,19 +119,20 @@ class DatasetConfig(_Section):
     repeats: int | None = Field(None, ge=1, le=10_000)  # its clips appear this many times per epoch (default 1)
     # or: this share of each epoch's samples (see cogtune/data/mixing.py for how an epoch is formed)
     weight: float | None = Field(None, gt=0, le=1)
-    frames: int | None = Field(None, ge=1, le=1025)
-    height: int | None = Field(None, ge=16, le=8192)
-    width: int | None = Field(None, ge=16, le=8192)
-    buckets: BucketConfig | None = None
-    trigger: str | None = Field(None, min_length=1, max_length=200)
-    sampling: SAMPLING | None = None
-    target_fps: float | None = Field(None, gt=0)
-    window: WINDOW | None = None
-    short_clips: SHORT_CLIPS | None = None
-    crop: CROP | None = None
-    shuffle_tags: bool | None = None
-    keep_tokens: int | None = Field(None, ge=0, le=1000)
-    tag_variants: int | None = Field(None, ge=1, le=64)
+    # each of these, when set, replaces the data.* key of the same name for this dataset's clips
+    frames: int | None = Field(None, ge=1, le=1025)  # None: data.frames
+    height: int | None = Field(None, ge=16, le=8192)  # None: data.height
+    width: int | None = Field(None, ge=16, le=8192)  # None: data.width
+    buckets: BucketConfig | None = None  # None: data.buckets
+    trigger: str | None = Field(None, min_length=1, max_length=200)  # None: data.trigger
+    sampling: SAMPLING | None = None  # None: data.sampling
+    target_fps: float | None = Field(None, gt=0)  # None: data.target_fps
+    window: WINDOW | None = None  # None: data.window
+    short_clips: SHORT_CLIPS | None = None  # None: data.short_clips
+    crop: CROP | None = None  # None: data.crop
+    shuffle_tags: bool | None = None  # None: data.shuffle_tags
+    keep_tokens: int | None = Field(None, ge=0, le=1000)  # None: data.keep_tokens
+    tag_variants: int | None = Field(None, ge=1, le=64)  # None: data.tag_variants
     heldout: bool = False  # the held-out set: never trained on, its loss is heldout_loss (validation.holdout: 0)
 
     @model_validator(mode="after")
@@ -185,8 +186,8 @@ class DataConfig(_Section):
     # space); which one a sample gets is drawn from (seed, step, position in the global batch). The first
     # keep_tokens tags stay in place, and the trigger stays first
     shuffle_tags: bool = False
-    keep_tokens: int = Field(0, ge=0, le=1000)
-    tag_variants: int = Field(4, ge=1, le=64)
+    keep_tokens: int = Field(0, ge=0, le=1000)  # with shuffle_tags: the first N tags stay in place
+    tag_variants: int = Field(4, ge=1, le=64)  # with shuffle_tags: orders encoded per caption
 
     _sizes = field_validator("height", "width")(_multiple_of_16)
 

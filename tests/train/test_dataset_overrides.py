@@ -49,3 +49,25 @@ def test_each_dataset_caches_by_its_own_settings(tiny_model, synth_data, tmp_pat
     assert all(o.startswith("sks, ") for o in orders[6]) and "sks, wide, a painting" in orders[7] + orders[6] + orders[8]
     # of each image's two orders one is its caption as written, cached already: 3 new encodings, no clip again
     assert shuffled.report.videos_encoded == 0 and shuffled.report.prompts_encoded == 3
+
+    # training shows each step one of the cached orders, drawn from (seed, step, position): no encoder runs
+    import torch
+
+    from cogtune.train.encode import collate
+    from cogtune.train.loop import show_tag_orders
+
+    data = shuffled.dataset
+    cached = [data.prompt(o)["prompt_embeds"] for o in orders[7]]
+    picked = []
+    for step in range(8):
+        batch = collate([data[7]], torch.device("cpu"))
+        show_tag_orders(batch, data, 42, step, 0)
+        picked.append(next(j for j, c in enumerate(cached) if torch.equal(batch["prompt_embeds"][0], c)))
+        video = collate([data[0]], torch.device("cpu"))
+        own = video["prompt_embeds"].clone()
+        show_tag_orders(video, data, 42, step, 0)
+        assert torch.equal(video["prompt_embeds"], own)  # a clip without shuffled tags keeps its caption
+    assert set(picked) == {0, 1}
+    again = collate([data[7]], torch.device("cpu"))
+    show_tag_orders(again, data, 42, 5, 0)
+    assert torch.equal(again["prompt_embeds"][0], cached[picked[5]])  # the same step and position: the same order
