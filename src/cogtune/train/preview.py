@@ -37,7 +37,8 @@ def _name(n: int, listed: str, start, end) -> str:
 
 
 def write_preview(cfg: TrainConfig, out: str | Path, clips: int | None = 8) -> Path:
-    """The first `clips` clips of each dataset. Writes into `out` (created; an existing index.json there is replaced) and returns the index path."""
+    """The first `clips` clips of each dataset. Writes into `out` (created; an existing index.json there is
+    replaced) and returns the index path."""
     facts = resolve_variant(cfg.model.path, cfg.model.variant, weights=False,
                             drop_positions=cfg.model.drop_learned_positions)
     planned = plan_data(facts, cfg, lambda f, h, w: _refuse(facts.check_size(f, h, w)))
