@@ -20,8 +20,8 @@ def with_trigger(caption: str, trigger: str | None) -> str:
 def tag_orders(caption: str, trigger: str | None, count: int, keep: int, key: str) -> list[str]:
     """`count` versions of `caption` with its comma-separated tags in other orders, all different (fewer when the
     tags have fewer orders), drawn from `key` (the same every time), each with the trigger as `with_trigger` puts
-    it, so it stays first. The first
-    `keep` tags stay where they are (kohya's keep_tokens), and so does a tag that holds the [trigger] slot."""
+    it, so it stays first. The first `keep` tags stay where they are (kohya's keep_tokens), and so does a tag that
+    holds the [trigger] slot."""
     tags = [t.strip() for t in caption.split(",") if t.strip()]
     fixed = set(range(min(keep, len(tags)))) | {i for i, t in enumerate(tags) if TRIGGER_SLOT in t}
     movable = [i for i in range(len(tags)) if i not in fixed]
