@@ -98,3 +98,27 @@ def test_sensible_weights_load():
     cfg = _load([{"root": "a", "weight": 0.3}, {"root": "b", "repeats": 3}, {"root": "c", "heldout": True}])
     assert cfg.data.weights() == {"a": 0.3} and [r for _, _, r in cfg.data.entries()] == [1, 3, 1]
     assert _load([{"root": "a", "weight": 0.7}, {"root": "b", "weight": 0.3}]).data.weights() == {"a": 0.7, "b": 0.3}
+
+
+def test_resume_refuses_a_changed_mix_and_takes_an_older_checkpoints_entries(tmp_path):
+    from cogtune.train.checkpoint import check_compatible
+
+    def dump(datasets, **data):
+        return load_config(None, base={"model": {"path": "m"}, "data": {"datasets": datasets, **data}}).model_dump(
+            mode="json")
+
+    now = dump([{"root": "a", "weight": 0.3}, {"root": "b"}])
+    check_compatible(now, dump([{"root": "a", "weight": 0.3}, {"root": "b", "repeats": 1}]), tmp_path)
+    with pytest.raises(CogtuneError, match=r"data.datasets.0.weight=0.3, this run has data.datasets.0.weight=0.4"):
+        check_compatible(now, dump([{"root": "a", "weight": 0.4}, {"root": "b"}]), tmp_path)
+    with pytest.raises(CogtuneError, match="data.shuffle_tags=False, this run has data.shuffle_tags=True"):
+        check_compatible(now, dump([{"root": "a", "weight": 0.3}, {"root": "b"}], shuffle_tags=True), tmp_path)
+    older = dump([{"root": "a", "repeats": 2}, {"root": "b"}])  # as a checkpoint of the release before weights
+    for key in ("shuffle_tags", "keep_tokens", "tag_variants"):
+        del older["data"][key]
+    for entry in older["data"]["datasets"]:
+        for key in ("weight", "sampling", "target_fps", "window", "short_clips", "crop", "shuffle_tags",
+                    "keep_tokens", "tag_variants"):
+            del entry[key]
+    older["data"]["datasets"][1]["repeats"] = 1  # then the default was written out
+    check_compatible(older, dump([{"root": "a", "repeats": 2}, {"root": "b"}]), tmp_path)
