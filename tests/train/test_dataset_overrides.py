@@ -1,11 +1,13 @@
 """Per-dataset sampling, fps and crop (data.datasets[].sampling, target_fps, window, short_clips, crop) and tag
-shuffling: each clip's cache key holds its own dataset's settings, so changing one re-encodes that dataset only."""
+shuffling: a clip's cache key adds its own dataset's settings where they differ from data.*'s (which the video
+fingerprint holds, as before), so changing a dataset's own setting re-encodes that dataset only, and a cache made
+before these keys existed stays valid."""
 
 from __future__ import annotations
 
 from cogtune.config import load_config
 from cogtune.models import load_spec
-from cogtune.train.encode import prepare_data
+from cogtune.train.encode import prepare_data, video_fingerprint
 from test_image_training import write_stills
 from test_several_datasets import _split
 
@@ -29,17 +31,24 @@ def test_each_dataset_caches_by_its_own_settings(tiny_model, synth_data, tmp_pat
     first = prepare_data(spec, _config(tiny_model(), tmp_path, cache), progress=False)
     settings = [dict(it.settings) for it in first.dataset.items]
     shape = {"frames": 9, "height": 32, "width": 48}
-    assert settings[0] == shape | {"sampling": "uniform", "short_clips": "skip", "crop": "center"}
-    assert settings[3] == shape | {"sampling": "fps", "target_fps": 4, "window": "center", "short_clips": "pad_last",
-                                   "crop": "random", "seed": 42}
-    assert settings[6] == shape | {"frames": 1, "crop": "center"}  # frame sampling does not apply to an image
+    assert settings[0] == shape  # data.*'s settings: the key of a single data.root clip, as before
+    assert settings[3] == shape | {"sampling": "fps", "target_fps": 4, "short_clips": "pad_last", "crop": "random",
+                                   "seed": 42}  # window: center like data.window
+    assert settings[6] == shape | {"frames": 1}  # data.crop
+    fingerprint = video_fingerprint(spec, _config(tiny_model(), tmp_path, cache))
+    assert {k: fingerprint[k] for k in ("sampling", "target_fps", "window", "short_clips", "crop", "seed")} == {
+        "sampling": "uniform", "target_fps": 8, "window": "center", "short_clips": "skip", "crop": "center",
+        "seed": None}  # what it held before per-dataset settings
     assert first.report.videos_encoded == 9
 
     again = prepare_data(spec, _config(tiny_model(), tmp_path, cache, b_crop="center"), progress=False)
     assert (again.report.videos_encoded, again.report.videos_cached) == (3, 6)  # b's clips only
+    images = prepare_data(spec, _config(tiny_model(), tmp_path, cache, b_crop="center", crop="random"),
+                          progress=False)
+    assert (images.report.videos_encoded, images.report.videos_cached) == (3, 6)  # the images' own crop
     head = prepare_data(spec, _config(tiny_model(), tmp_path, cache, sampling="head", b_crop="center"),
                         progress=False)
-    assert (head.report.videos_encoded, head.report.videos_cached) == (3, 6)  # a's: b has its own, images none
+    assert head.report.videos_encoded == 9  # data.* is in every key: a change there encodes all again
     assert first.report.prompts_encoded == 9 and head.report.prompts_encoded == 0
 
     shuffled = prepare_data(spec, _config(tiny_model(), tmp_path, cache, sampling="head", b_crop="center",

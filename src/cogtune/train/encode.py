@@ -140,7 +140,9 @@ def plan_sample(sample: Sample, cfg, facts, frames: list[int], resolutions, rng=
 
 def frame_recipe(d, native_fps: float, image: bool, seed: int) -> dict:
     """What makes a clip's frames beside its bucket, from its dataset's settings (data.* or its data.datasets
-    entry): part of its cache key, so a changed setting re-encodes only the clips it applies to."""
+    entry). Where it differs from data.*'s (in the video fingerprint) it is in the clip's cache key: changing a
+    dataset's own setting re-encodes only that dataset's clips, and a cache made before per-dataset settings
+    existed stays valid."""
     recipe = {"crop": d.crop}
     if not image:  # an image is one frame: frame sampling does not apply to it
         recipe |= {"sampling": d.sampling, "short_clips": d.short_clips}
@@ -165,6 +167,7 @@ class PlannedData:
     samples: int  # listed in all
     dataset: list[str] = field(default_factory=list)  # each item's dataset name
     tag_orders: list[list[str]] = field(default_factory=list)  # each item's captions with shuffled tags
+    recipes: list[dict] = field(default_factory=list)  # each item's frame_recipe
 
 
 def plan_data(facts, cfg, check_size=None) -> PlannedData:
@@ -173,6 +176,7 @@ def plan_data(facts, cfg, check_size=None) -> PlannedData:
     fill_native_shape(cfg, facts)  # frames/height/width left unset: the model's native shape
     out = PlannedData([], [], {}, [], 0)
     offset = 0  # clips are numbered across datasets: the first dataset's numbers are those of a single data.root
+    base = _shared_recipe(cfg.data, facts.fps, cfg.seed)
     for name, d, _ in cfg.data.entries():
         sub = cfg.model_copy(update={"data": d})
         frames, resolutions = _frame_options(sub, facts)
@@ -200,11 +204,13 @@ def plan_data(facts, cfg, check_size=None) -> PlannedData:
                 continue
             h, w, f = bucket
             image = str(s.image) if facts.i2v and s.image is not None else None  # else: the first frame conditions
-            settings = {"frames": f, "height": h, "width": w} | frame_recipe(d, facts.fps, s.is_image, cfg.seed)
+            recipe = frame_recipe(d, facts.fps, s.is_image, cfg.seed)
+            settings = {"frames": f, "height": h, "width": w} | {k: v for k, v in recipe.items() if base.get(k) != v}
             item = CacheItem(str(s.video), with_trigger(s.caption, d.trigger), settings, s.start, s.end, image)
             out.plans[id(item)] = (why, i)
             out.items.append(item)
             out.listed.append(listed)
+            out.recipes.append(recipe)
             out.dataset.append(name)
             out.tag_orders.append(tag_orders(s.caption, d.trigger, d.tag_variants, d.keep_tokens,
                                              f"tags-{cfg.seed}-{i}") if d.shuffle_tags else [])
@@ -221,7 +227,7 @@ def load_planned(planned: PlannedData, item: CacheItem, cfg) -> torch.Tensor | d
     """The pixels training encodes for `item`: its planned frames resized and cropped, and its image if listed."""
     plan, index = planned.plans[id(item)]
     st = item.settings
-    crop = st["crop"]
+    crop = st.get("crop", cfg.data.crop)  # its dataset's own crop, else data.crop
     video = decode_plan(item.video, plan, st["height"], st["width"], crop, _rng(cfg.seed + 1, index))
     if item.image is None:
         return video
@@ -285,10 +291,18 @@ def cache_root(cfg) -> Path:
     return Path(cfg.output_dir) / "cache"
 
 
+def _shared_recipe(d, native_fps: float, seed: int) -> dict:
+    """data.*'s frame settings as the video fingerprint holds them (a clip's key adds where its own differ)."""
+    return {"sampling": d.sampling, "target_fps": d.target_fps or native_fps, "window": d.window,
+            "short_clips": d.short_clips, "crop": d.crop,
+            # the seed only picks random windows and crops
+            "seed": seed if "random" in (d.sampling, d.window, d.crop) else None}
+
+
 def video_fingerprint(spec, cfg) -> dict:
     return {"v": CACHE_VERSION, "variant": spec.variant_name, "vae": fingerprint_files([Path(spec.model_path) / "vae"]),
-            # each clip's frame sampling, fps and crop are in its own settings (frame_recipe)
-            "i2v": spec.facts.i2v, "tiling": cfg.memory.vae_tiling} | _dtype_key(spec)
+            **_shared_recipe(cfg.data, spec.facts.fps, cfg.seed), "i2v": spec.facts.i2v,
+            "tiling": cfg.memory.vae_tiling} | _dtype_key(spec)
 
 
 def text_fingerprint(spec) -> dict:

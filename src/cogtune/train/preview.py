@@ -54,14 +54,15 @@ def write_preview(cfg: TrainConfig, out: str | Path, clips: int | None = 8) -> P
         video = pixels["video"] if isinstance(pixels, dict) else pixels
         name = _name(n, listed, item.start, item.end)
         st = item.settings
-        fps = st.get("target_fps", facts.fps)  # its dataset's fps sampling, else the model's rate
+        recipe = planned.recipes[n]
+        fps = recipe.get("target_fps", facts.fps)  # its dataset's fps sampling, else the model's rate
         write_mp4(video, out / f"{name}.mp4", fps)
         contact_sheet([to_uint8_frames(video)], [name], out / f"{name}.png")
         entries.append({"name": name, "dataset": dataset, "source": item.video, "listed": listed,
                         "start": item.start, "end": item.end, "bucket": [st["frames"], st["height"], st["width"]],
                         "source_frames": _frames_of(plan), "caption": item.caption,
                         "tag_orders": planned.tag_orders[n], "image": item.image, "fps": fps,
-                        "frames_from": {k: v for k, v in st.items() if k not in ("frames", "height", "width")},
+                        "frames_from": recipe,
                         "kind": "image" if is_image(item.video) else "video"})
     index = {"variant": facts.name, "clips_planned": len(planned.items), "skipped": planned.skipped,
              "clips": entries}
