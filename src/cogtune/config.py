@@ -97,7 +97,13 @@ class BucketConfig(_Section):
         return v
 
 
-DATASET_OVERRIDES = ("frames", "height", "width", "buckets", "trigger")
+# the data.* keys an entry of data.datasets may set for its own clips (None there: the data.* value)
+DATASET_OVERRIDES = ("frames", "height", "width", "buckets", "trigger", "sampling", "target_fps", "window",
+                     "short_clips", "crop", "shuffle_tags", "keep_tokens", "tag_variants")
+SAMPLING = Literal["uniform", "head", "random", "fps"]
+WINDOW = Literal["center", "random"]
+SHORT_CLIPS = Literal["skip", "pad_last", "loop", "slow", "interpolate", "smaller"]
+CROP = Literal["center", "random", "stretch"]
 
 
 def _multiple_of_16(v: int | None) -> int | None:
@@ -110,13 +116,33 @@ class DatasetConfig(_Section):
     """One of several datasets (data.datasets): its root and what it changes for its own clips."""
     root: Path
     name: str | None = None  # for the summary and reports (default: the root's folder name)
-    repeats: int = Field(1, ge=1, le=10_000)  # its clips appear this many times per epoch
-    frames: int | None = Field(None, ge=1, le=1025)
-    height: int | None = Field(None, ge=16, le=8192)
-    width: int | None = Field(None, ge=16, le=8192)
-    buckets: BucketConfig | None = None
-    trigger: str | None = Field(None, min_length=1, max_length=200)
+    repeats: int | None = Field(None, ge=1, le=10_000)  # its clips appear this many times per epoch (default 1)
+    # or: this share of each epoch's samples (see cogtune/data/mixing.py for how an epoch is formed)
+    weight: float | None = Field(None, gt=0, le=1)
+    # each of these, when set, replaces the data.* key of the same name for this dataset's clips
+    frames: int | None = Field(None, ge=1, le=1025)  # None: data.frames
+    height: int | None = Field(None, ge=16, le=8192)  # None: data.height
+    width: int | None = Field(None, ge=16, le=8192)  # None: data.width
+    buckets: BucketConfig | None = None  # None: data.buckets
+    trigger: str | None = Field(None, min_length=1, max_length=200)  # None: data.trigger
+    sampling: SAMPLING | None = None  # None: data.sampling
+    target_fps: float | None = Field(None, gt=0)  # None: data.target_fps
+    window: WINDOW | None = None  # None: data.window
+    short_clips: SHORT_CLIPS | None = None  # None: data.short_clips
+    crop: CROP | None = None  # None: data.crop
+    shuffle_tags: bool | None = None  # None: data.shuffle_tags
+    keep_tokens: int | None = Field(None, ge=0, le=1000)  # None: data.keep_tokens
+    tag_variants: int | None = Field(None, ge=1, le=64)  # None: data.tag_variants
     heldout: bool = False  # the held-out set: never trained on, its loss is heldout_loss (validation.holdout: 0)
+
+    @model_validator(mode="after")
+    def _repeats_or_weight(self) -> "DatasetConfig":
+        if self.repeats is not None and self.weight is not None:
+            raise ValueError(f"{self.title}: give repeats (times per epoch) or weight (share of an epoch), not both")
+        if self.heldout and (self.repeats is not None or self.weight is not None):
+            raise ValueError(f"{self.title}: a heldout dataset is never trained on, so repeats/weight mean nothing "
+                             "there; remove them")
+        return self
 
     @property
     def title(self) -> str:
@@ -136,13 +162,13 @@ class DataConfig(_Section):
     width: int | None = Field(None, ge=16, le=8192)
     # uniform: spread over the clip; head: the first frames; random: a random window; fps: resample to target_fps,
     # then take a window (centred, or random with window: random)
-    sampling: Literal["uniform", "head", "random", "fps"] = "uniform"
+    sampling: SAMPLING = "uniform"
     target_fps: float | None = Field(None, gt=0)  # fps mode; None: the variant's (8 for 1.0, 16 for 1.5)
-    window: Literal["center", "random"] = "center"
+    window: WINDOW = "center"
     # clips too short (or too slow in fps mode): skip (reason logged), pad_last, loop, slow (repeat frames),
     # interpolate (blend neighbours), smaller (the largest allowed frame count the clip can fill)
-    short_clips: Literal["skip", "pad_last", "loop", "slow", "interpolate", "smaller"] = "skip"
-    crop: Literal["center", "random", "stretch"] = "center"
+    short_clips: SHORT_CLIPS = "skip"
+    crop: CROP = "center"
     buckets: BucketConfig | None = None
     cache_dir: Path | None = None  # None: {dataset folder}/.cogtune_cache ({output_dir}/cache if not writable)
     num_workers: int = Field(2, ge=0)
@@ -155,6 +181,13 @@ class DataConfig(_Section):
     # share of training samples shown with the empty caption instead of their own (encoded once), so the model
     # keeps a prompt-free prediction for classifier-free guidance; drawn per sample and step from the seed
     caption_dropout: float = Field(0.0, ge=0, lt=1)
+    # shuffle each caption's comma-separated tags: every sample is shown one of tag_variants orders, drawn once
+    # from the seed and encoded into the cache with the rest (tag_variants times the text encoding and its cache
+    # space); which one a sample gets is drawn from (seed, step, position in the global batch). The first
+    # keep_tokens tags stay in place, and the trigger stays first
+    shuffle_tags: bool = False
+    keep_tokens: int = Field(0, ge=0, le=1000)  # with shuffle_tags: the first N tags stay in place
+    tag_variants: int = Field(4, ge=1, le=64)  # with shuffle_tags: orders encoded per caption
 
     _sizes = field_validator("height", "width")(_multiple_of_16)
 
@@ -165,7 +198,25 @@ class DataConfig(_Section):
                              ("not both" if self.root is not None else "one of them"))
         if self.datasets and all(e.heldout for e in self.datasets):
             raise ValueError("every entry of data.datasets is heldout: at least one must be trained on")
+        titles = [e.title for e in self.datasets]
+        if twice := next((t for t in titles if titles.count(t) > 1), None):
+            raise ValueError(f"two entries of data.datasets are named {twice!r} (the folder's name unless name is "
+                             "given): give one a name")
+        trained = [e for e in self.datasets if not e.heldout]
+        weighted = [e for e in trained if e.weight is not None]
+        total = sum(e.weight for e in weighted)
+        shares = " + ".join(f"{e.weight:g}" for e in weighted)
+        if weighted and len(weighted) == len(trained) and abs(total - 1) > 1e-6:
+            raise ValueError(f"the weights of data.datasets ({shares} = {total:g}) are shares of an epoch and must "
+                             "add up to 1 when every trained dataset has one")
+        if weighted and len(weighted) < len(trained) and total >= 1 - 1e-6:
+            raise ValueError(f"the weights of data.datasets ({shares} = {total:g}) leave no share of the epoch to "
+                             "the datasets with repeats: they must add up to less than 1")
         return self
+
+    def weights(self) -> dict[str, float]:
+        """name -> share of each epoch, of the datasets that give a weight instead of repeats."""
+        return {e.title: e.weight for e in self.datasets if e.weight is not None}
 
     def heldout_names(self) -> set[str]:
         """The datasets set aside as the held-out set (data.datasets[].heldout)."""
@@ -178,8 +229,18 @@ class DataConfig(_Section):
         out = []
         for e in self.datasets:
             update = {k: getattr(e, k) for k in DATASET_OVERRIDES if getattr(e, k) is not None}
-            out.append((e.title, self.model_copy(update={"root": e.root, "datasets": [], **update}), e.repeats))
+            out.append((e.title, self.model_copy(update={"root": e.root, "datasets": [], **update}), e.repeats or 1))
         return out
+
+    def frames_line(self) -> str:
+        """How this dataset's clips get their frames and captions (its own settings, data.* where it sets none)."""
+        fps = f" at {self.target_fps:g} fps" if self.target_fps else " at the model's fps"
+        line = (f"{self.sampling} sampling{fps + ' (window ' + self.window + ')' if self.sampling == 'fps' else ''}, "
+                f"short clips {self.short_clips}, crop {self.crop}")
+        if self.shuffle_tags:
+            line += f", tags shuffled ({self.tag_variants} orders" + (
+                f", first {self.keep_tokens} kept)" if self.keep_tokens else ")")
+        return line
 
     @property
     def first_root(self) -> Path:

@@ -16,6 +16,7 @@ from cogtune.config import load_config
 from cogtune.models import load_spec
 from cogtune.train.encode import prepare_data
 from cogtune.train.loop import train
+from cogtune.train.setup import dataset_mix
 
 
 def _split(synth_data, root):
@@ -56,8 +57,9 @@ def test_each_dataset_keeps_its_settings_and_repeats(tiny_model, split):
     assert data.names == ["a"] * 3 + ["style"] * 3
     assert [data.dataset.items[i].caption for i in range(6)] == prompts[:3] + [f"sks, {p}" for p in prompts[3:]]
     assert [b[2] for b in data.buckets] == [17] * 3 + [9] * 3  # a's own frames; style the model's native 9
-    counts = Counter(data.order)  # what the sampler draws from in an epoch
-    assert [counts[i] for i in range(6)] == [1, 1, 1, 2, 2, 2]
+    mix = dataset_mix(cfg, data.names, data.buckets, [])
+    counts = Counter(mix.items(0))  # what the sampler draws from in an epoch
+    assert [counts[i] for i in range(6)] == [1, 1, 1, 2, 2, 2] and mix.items(1) == mix.items(0)
 
 
 @pytest.mark.slow

@@ -70,13 +70,17 @@ def _check(args) -> None:
 
         data = load_config(args.config).data
         if data.datasets:  # every dataset with its own settings
+            weights, held = data.weights(), data.heldout_names()
             runs = [argparse.Namespace(**{**vars(args), "root": str(d.root), "dataset": d, "title": name,
-                                          "json": f"{args.json}.{name}.json" if args.json else None})
-                    for name, d, _ in data.entries()]
+                                          "json": f"{args.json}.{name}.json" if args.json else None,
+                                          "share": "held out" if name in held else f"weight {weights[name]:g}"
+                                          if name in weights else f"repeats {r}", "how": d.frames_line()})
+                    for name, d, r in data.entries()]
     code = 0
     for one in runs:
         if getattr(one, "title", None):
-            print(f"dataset {one.title} ({one.root})")
+            print(f"dataset {one.title} ({one.root}): {one.share}; {one.how}"
+                  + (f"; trigger {one.dataset.trigger}" if one.dataset.trigger else ""))
         code = max(code, run_check(one))
     if code:
         sys.stdout.flush()
@@ -134,5 +138,5 @@ def register(sub) -> None:
     v.add_argument("config")
     v.add_argument("overrides", nargs="*", metavar="key=value")
     v.add_argument("--out", required=True, help="folder for the previews")
-    v.add_argument("--clips", type=int_range(1, 100_000), default=8, help="how many clips (default 8)")
+    v.add_argument("--clips", type=int_range(1, 100_000), default=8, help="how many clips of each dataset (default 8)")
     v.set_defaults(func=_preview)

@@ -7,7 +7,7 @@ A bucket is (height, width, frames). Clips are assigned to the bucket whose aspe
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -119,10 +119,15 @@ class BucketBatchSampler:
     after `load_state_dict` does not undo the resume). `state_dict()` counts batches *yielded*; a DataLoader that
     prefetches runs ahead of the training step, so there save {"epoch", "position": batches consumed} yourself
     (with the other keys from state_dict()) or keep the DataLoader from prefetching the sampler.
+
+    With `items_of`, the indices are slots (e.g. of `cogtune.data.mixing.EpochMix`) and batches hold
+    `items_of(epoch)[slot]` instead: what fills a slot may change per epoch, its bucket may not.
     """
 
     def __init__(self, bucket_of: Sequence[Hashable | None], batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True) -> None:
+                 world_size: int = 1, drop_last: bool = True,
+                 items_of: Callable[[int], Sequence[int]] | None = None) -> None:
+        self.items_of = items_of
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -167,7 +172,11 @@ class BucketBatchSampler:
                 batches.append(batch)
         batches = [batches[i] for i in rng.permutation(len(batches))]
         total = len(self) * self.world_size
-        return (batches * math.ceil(total / len(batches)))[:total]
+        batches = (batches * math.ceil(total / len(batches)))[:total]
+        if self.items_of is not None:
+            items = self.items_of(epoch)
+            batches = [[items[i] for i in b] for b in batches]
+        return batches
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of `epoch`, in order (a pure function; does not move the sampler)."""

@@ -249,6 +249,11 @@ class LatentCache:
         key = self.prompt_key(caption)
         return self._read(self._path("prompts", key), key, f"prompt {caption!r}")
 
+    def has_prompt(self, caption: str) -> bool:
+        """Whether a caption's entry is whole (header check only)."""
+        key = self.prompt_key(caption)
+        return self._problem(self._path("prompts", key), key) is None
+
     def check(self, items: Sequence[CacheItem]) -> CacheCheck:
         """Which items are ready to train on (header checks only; run after every rank's build has finished)."""
         ready, problems = [], {}

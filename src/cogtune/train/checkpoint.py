@@ -26,8 +26,20 @@ SHARDED = "sharded"  # torch.distributed.checkpoint folder of an FSDP2 checkpoin
 # What a resumed run must share with the run that wrote the checkpoint (max_steps, logging, validation may change).
 MUST_MATCH = ("model.path", "model.variant", "method", "lora.rank", "lora.alpha", "lora.target_modules",
               "data.root", "data.frames", "data.height", "data.width", "data.sampling", "data.crop", "seed",
-              "batch_size", "gradient_accumulation_steps", "distributed.strategy", "world_size", "validation.holdout")
-ADDED_LATER = {"validation.holdout": 0}  # keys checkpoints of earlier versions lack: what they meant then
+              "batch_size", "gradient_accumulation_steps", "distributed.strategy", "world_size", "validation.holdout",
+              "data.datasets", "data.shuffle_tags", "data.keep_tokens", "data.tag_variants")
+# keys checkpoints of earlier versions lack: what they meant then
+ADDED_LATER = {"validation.holdout": 0, "data.datasets": [], "data.shuffle_tags": False, "data.keep_tokens": 0,
+               "data.tag_variants": 4}
+
+
+def _entries(datasets):
+    """data.datasets as far as a run depends on it: unset keys (and repeats 1, the default) left out, so an entry
+    saved before a key existed matches the same entry now."""
+    if not isinstance(datasets, list):
+        return datasets
+    return [{k: v for k, v in e.items() if v is not None and not (k == "repeats" and v == 1)} if isinstance(e, dict)
+            else e for e in datasets]
 
 
 def _dig(tree: dict, dotted: str):
@@ -85,6 +97,12 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
     for key in MUST_MATCH:
         a, b = _dig(saved, key), _dig(current, key)
         a = ADDED_LATER.get(key) if a is None else a
+        if key == "data.datasets":
+            a, b = _entries(a), _entries(b)
+            if a != b and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+                i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+                k = next(k for k in sorted(a[i].keys() | b[i].keys()) if a[i].get(k) != b[i].get(k))
+                key, a, b = f"data.datasets.{i}.{k}", a[i].get(k), b[i].get(k)
         if a != b:
             raise CogtuneError(f"resume: {path} was written with {key}={a!r}, this run has {key}={b!r}; "
                                f"a checkpoint only continues the run that wrote it")

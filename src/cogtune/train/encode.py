@@ -19,7 +19,7 @@ import torch
 
 from ..data.buckets import assign_bucket, resolutions_for_area
 from ..data.cache import CacheItem, LatentCache, fingerprint_files
-from ..data.captions import with_trigger
+from ..data.captions import tag_orders, with_trigger
 from ..data.frames import FramePlan, plan_bucketed
 from ..data.sources import Sample, load_dataset, problem_text, without_images
 from ..data.video import decode_plan, load_image, probe
@@ -37,11 +37,6 @@ class PreparedData:
     skipped: list[str] = field(default_factory=list)  # "path: reason"
     report: object = None
     names: list[str] = field(default_factory=list)  # each item's dataset
-    order: list[int] | None = None  # what the sampler draws from: item indices, each as often as its repeats
-
-    def __post_init__(self):
-        if self.order is None:
-            self.order = list(range(len(self.buckets)))
 
 
 class CachedItems:
@@ -53,6 +48,7 @@ class CachedItems:
     def __init__(self, cache: LatentCache, items: list[CacheItem], listed: list[str], ram_bytes: float = 0):
         self.cache, self.items, self.listed = cache, items, listed
         self.empty_prompt: dict[str, torch.Tensor] | None = None  # the "" caption's encodings (caption dropout)
+        self.tag_orders: list[list[str]] = [[] for _ in items]  # each item's captions with shuffled tags, encoded
         self.keys = [cache.video_key(item) for item in items]
         self.ram_left = ram_bytes
         self._videos: dict[int, dict] = {}
@@ -79,17 +75,22 @@ class CachedItems:
             video = self.cache.load_video_key(self.keys[i], self.listed[i])
             if self._keep(video.values()):
                 self._videos[i] = video
-        prompt = self._prompts.get(item.caption)
+        return dict(video) | self.prompt(item.caption) | {"caption": item.caption, "path": self.listed[i], "index": i}
+
+    def prompt(self, caption: str) -> dict[str, torch.Tensor]:
+        """A cached caption's text encodings (kept in RAM like the clips)."""
+        prompt = self._prompts.get(caption)
         if prompt is None:
-            prompt = self.cache.prompt(item.caption)
+            prompt = self.cache.prompt(caption)
             if self._keep(prompt.values()):
-                self._prompts[item.caption] = prompt
-        return dict(video) | prompt | {"caption": item.caption, "path": self.listed[i]}
+                self._prompts[caption] = prompt
+        return prompt
 
 
 def collate(items: list[dict], device: torch.device) -> dict:
     batch = {k: torch.stack([it[k] for it in items]).to(device) for k, v in items[0].items() if isinstance(v, torch.Tensor)}
     batch["paths"] = [it["path"] for it in items]
+    batch["items"] = [it.get("index") for it in items]
     return batch
 
 
@@ -128,14 +129,28 @@ def plan_sample(sample: Sample, cfg, facts, frames: list[int], resolutions, rng=
         hw = resolutions[0]
     if sample.is_image:
         return (*hw, 1), FramePlan((0,), span=1.0)
-    target_fps = d.target_fps or facts.fps
-    kwargs = dict(start=sample.start, end=sample.end, target_fps=target_fps if d.sampling == "fps" else None,
-                  window=d.window, rng=rng)
+    target_fps = (d.target_fps or facts.fps) if d.sampling == "fps" else None
+    kwargs = dict(start=sample.start, end=sample.end, target_fps=target_fps, window=d.window, rng=rng)
     allowed = frames if len(frames) > 1 else [f for f in facts.allowed_frames() if f <= frames[0]]
     plan = plan_bucketed(info.frames, info.fps, frames, d.sampling, short=d.short_clips, allowed=allowed, **kwargs)
     if not plan.ok:
         return None, plan.reason
     return (*hw, plan.frames), plan
+
+
+def frame_recipe(d, native_fps: float, image: bool, seed: int) -> dict:
+    """What makes a clip's frames beside its bucket, from its dataset's settings (data.* or its data.datasets
+    entry). Where it differs from data.*'s (in the video fingerprint) it is in the clip's cache key: changing a
+    dataset's own setting re-encodes only that dataset's clips, and a cache made before per-dataset settings
+    existed stays valid."""
+    recipe = {"crop": d.crop}
+    if not image:  # an image is one frame: frame sampling does not apply to it
+        recipe |= {"sampling": d.sampling, "short_clips": d.short_clips}
+        if d.sampling == "fps":
+            recipe |= {"target_fps": d.target_fps or native_fps, "window": d.window}
+    if "random" in recipe.values():  # the seed only picks random windows and crops
+        recipe["seed"] = seed
+    return recipe
 
 
 def _rng(seed: int, index: int) -> np.random.Generator:
@@ -151,7 +166,8 @@ class PlannedData:
     skipped: list[str]
     samples: int  # listed in all
     dataset: list[str] = field(default_factory=list)  # each item's dataset name
-    repeats: list[int] = field(default_factory=list)  # how often each item appears per epoch
+    tag_orders: list[list[str]] = field(default_factory=list)  # each item's captions with shuffled tags
+    recipes: list[dict] = field(default_factory=list)  # each item's frame_recipe
 
 
 def plan_data(facts, cfg, check_size=None) -> PlannedData:
@@ -160,7 +176,8 @@ def plan_data(facts, cfg, check_size=None) -> PlannedData:
     fill_native_shape(cfg, facts)  # frames/height/width left unset: the model's native shape
     out = PlannedData([], [], {}, [], 0)
     offset = 0  # clips are numbered across datasets: the first dataset's numbers are those of a single data.root
-    for name, d, repeats in cfg.data.entries():
+    base = _shared_recipe(cfg.data, facts.fps, cfg.seed)
+    for name, d, _ in cfg.data.entries():
         sub = cfg.model_copy(update={"data": d})
         frames, resolutions = _frame_options(sub, facts)
         for h, w in resolutions if check_size is not None else ():
@@ -187,13 +204,16 @@ def plan_data(facts, cfg, check_size=None) -> PlannedData:
                 continue
             h, w, f = bucket
             image = str(s.image) if facts.i2v and s.image is not None else None  # else: the first frame conditions
-            item = CacheItem(str(s.video), with_trigger(s.caption, d.trigger), {"frames": f, "height": h, "width": w},
-                             s.start, s.end, image)
+            recipe = frame_recipe(d, facts.fps, s.is_image, cfg.seed)
+            settings = {"frames": f, "height": h, "width": w} | {k: v for k, v in recipe.items() if base.get(k) != v}
+            item = CacheItem(str(s.video), with_trigger(s.caption, d.trigger), settings, s.start, s.end, image)
             out.plans[id(item)] = (why, i)
             out.items.append(item)
             out.listed.append(listed)
+            out.recipes.append(recipe)
             out.dataset.append(name)
-            out.repeats.append(repeats)
+            out.tag_orders.append(tag_orders(s.caption, d.trigger, d.tag_variants, d.keep_tokens,
+                                             f"tags-{cfg.seed}-{i}") if d.shuffle_tags else [])
         offset += len(usable)
         out.samples += len(samples)
     if not out.items:
@@ -206,7 +226,8 @@ def plan_data(facts, cfg, check_size=None) -> PlannedData:
 def load_planned(planned: PlannedData, item: CacheItem, cfg) -> torch.Tensor | dict:
     """The pixels training encodes for `item`: its planned frames resized and cropped, and its image if listed."""
     plan, index = planned.plans[id(item)]
-    st, crop = item.settings, cfg.data.crop
+    st = item.settings
+    crop = st.get("crop", cfg.data.crop)  # its dataset's own crop, else data.crop
     video = decode_plan(item.video, plan, st["height"], st["width"], crop, _rng(cfg.seed + 1, index))
     if item.image is None:
         return video
@@ -216,7 +237,7 @@ def load_planned(planned: PlannedData, item: CacheItem, cfg) -> torch.Tensor | d
 
 def prepare_data(spec, cfg, accelerator=None, progress: bool = True, on_planned=None) -> PreparedData:
     """Plan every clip (frames, bucket), then encode what the cache lacks. `on_planned(buckets, skipped, dataset
-    names, repeats)` hears the plan before any clip is encoded."""
+    names)` hears the plan before any clip is encoded."""
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     d = cfg.data
@@ -225,7 +246,7 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True, on_planned=
     load_video = partial(load_planned, planned, cfg=cfg)
     if on_planned is not None:
         on_planned([(it.settings["height"], it.settings["width"], it.settings["frames"]) for it in items], skipped,
-                   planned.dataset, planned.repeats)
+                   planned.dataset)
     cache = LatentCache(cache_root(cfg), video_fingerprint(spec, cfg), text_fingerprint(spec))
     report = cache.build(items, load_video, spec.encode_videos, spec.encode_prompts, rank=rank, world_size=world,
                          progress=progress and rank == 0)
@@ -243,14 +264,21 @@ def prepare_data(spec, cfg, accelerator=None, progress: bool = True, on_planned=
     if not ready:
         raise CogtuneError(f"no clip could be encoded (first problem: {skipped[0] if skipped else 'unknown'})")
     dataset = CachedItems(cache, [items[i] for i in ready], [listed[i] for i in ready], d.ram_cache_gb * 2**30)
-    if d.caption_dropout:  # the empty caption, encoded once, for the samples whose caption is dropped
-        cache.build_prompts([""], spec.encode_prompts, rank, world, progress=False)
+    # the empty caption (caption dropout) and every shuffled-tag caption, encoded once like the others
+    extra = ([""] if d.caption_dropout else []) + [c for i in ready for c in planned.tag_orders[i]]
+    if extra:
+        more = cache.build_prompts(extra, spec.encode_prompts, rank, world, progress=progress and rank == 0)
+        report = report.merge(more)
         if accelerator is not None:
             accelerator.wait_for_everyone()
+    if d.caption_dropout:
         dataset.empty_prompt = cache.prompt("")
+    dataset.tag_orders = [[c for c in planned.tag_orders[i] if cache.has_prompt(c)] for i in ready]
+    lost = sum(len(planned.tag_orders[i]) for i in ready) - sum(map(len, dataset.tag_orders))
+    if lost:
+        log.warning("%d shuffled-tag captions could not be encoded; their clips train on the others", lost)
     buckets = [(items[i].settings["height"], items[i].settings["width"], items[i].settings["frames"]) for i in ready]
-    order = [j for j, i in enumerate(ready) for _ in range(planned.repeats[i])]
-    return PreparedData(dataset, buckets, skipped, report, [planned.dataset[i] for i in ready], order)
+    return PreparedData(dataset, buckets, skipped, report, [planned.dataset[i] for i in ready])
 
 
 def cache_root(cfg) -> Path:
@@ -263,13 +291,18 @@ def cache_root(cfg) -> Path:
     return Path(cfg.output_dir) / "cache"
 
 
-def video_fingerprint(spec, cfg) -> dict:
-    d = cfg.data
-    return {"v": CACHE_VERSION, "variant": spec.variant_name, "vae": fingerprint_files([Path(spec.model_path) / "vae"]),
-            "sampling": d.sampling, "target_fps": d.target_fps or spec.facts.fps, "window": d.window,
-            "short_clips": d.short_clips, "crop": d.crop, "i2v": spec.facts.i2v, "tiling": cfg.memory.vae_tiling,
+def _shared_recipe(d, native_fps: float, seed: int) -> dict:
+    """data.*'s frame settings as the video fingerprint holds them (a clip's key adds where its own differ)."""
+    return {"sampling": d.sampling, "target_fps": d.target_fps or native_fps, "window": d.window,
+            "short_clips": d.short_clips, "crop": d.crop,
             # the seed only picks random windows and crops
-            "seed": cfg.seed if "random" in (d.sampling, d.window, d.crop) else None} | _dtype_key(spec)
+            "seed": seed if "random" in (d.sampling, d.window, d.crop) else None}
+
+
+def video_fingerprint(spec, cfg) -> dict:
+    return {"v": CACHE_VERSION, "variant": spec.variant_name, "vae": fingerprint_files([Path(spec.model_path) / "vae"]),
+            **_shared_recipe(cfg.data, spec.facts.fps, cfg.seed), "i2v": spec.facts.i2v,
+            "tiling": cfg.memory.vae_tiling} | _dtype_key(spec)
 
 
 def text_fingerprint(spec) -> dict:

@@ -151,6 +151,8 @@ class StepAccumulator:
         with acc.accumulate(run.model):
             position = ((self.micro % accum) * run.world + acc.process_index) * size
             gens = sample_generators(cfg.seed, run.step, position, size)
+            if cfg.data.shuffle_tags or any(e.shuffle_tags for e in cfg.data.datasets):
+                show_tag_orders(batch, run.data.dataset, cfg.seed, run.step, position)
             if cfg.data.caption_dropout:
                 drop_captions(batch, run.data.dataset.empty_prompt, cfg.data.caption_dropout, cfg.seed, run.step,
                               position)
@@ -218,9 +220,20 @@ def drop_captions(batch: dict, empty: dict[str, torch.Tensor], p: float, seed: i
                 batch[key][i] = value.to(batch[key].device, batch[key].dtype)
 
 
+def show_tag_orders(batch: dict, dataset, seed: int, step: int, first: int) -> None:
+    """In place: a sample whose clip has shuffled-tag captions gets the encodings of one of them, drawn from (seed,
+    step, position in the global batch) like its noise (the cache holds them all: no encoder runs here)."""
+    for i, item in enumerate(batch["items"]):
+        orders = dataset.tag_orders[item]
+        if orders:
+            pick = orders[random.Random(f"tag-order-{seed}-{step}-{first + i}").randrange(len(orders))]
+            for key, value in dataset.prompt(pick).items():
+                batch[key][i] = value.to(batch[key].device, batch[key].dtype)
+
+
 def load_batch(run: Run, indices: list[int]) -> dict:
-    """`indices` are the sampler's: positions in data.order (a dataset's repeats appear several times there)."""
-    return collate([run.data.dataset[run.data.order[i]] for i in indices], run.accelerator.device)
+    """`indices`: clips of the dataset, as the sampler mapped its slots (a repeated clip fills several)."""
+    return collate([run.data.dataset[i] for i in indices], run.accelerator.device)
 
 
 def log_step(run: Run, bar, done: StepDone, t0: float) -> None:

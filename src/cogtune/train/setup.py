@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config import STRATEGIES, TrainConfig, fill_native_shape
 from ..data.buckets import BucketBatchSampler
+from ..data.mixing import EpochMix, epoch_mix
 from ..data.split import holdout_indices
 from ..dtypes import MIXED_PRECISION as WEIGHT_DTYPES  # mixed_precision -> the frozen weights' dtype
 from ..errors import CogtuneError
@@ -187,6 +188,14 @@ def held_out(cfg: TrainConfig, names: list[str]) -> list[int]:
     return holdout_indices(len(names), cfg.validation.holdout, cfg.seed)
 
 
+def dataset_mix(cfg: TrainConfig, names: list[str], buckets: list, held: list[int]) -> EpochMix:
+    """The slots of an epoch: each dataset's repeats or weight (data/mixing.py), held-out clips left out."""
+    held_set = set(held)
+    repeats = {name: r for name, _, r in cfg.data.entries()}
+    return epoch_mix(names, buckets, [i not in held_set for i in range(len(names))], repeats, cfg.data.weights(),
+                     cfg.seed)
+
+
 def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
     native = [k for k in ("frames", "height", "width") if getattr(cfg.data, k) is None]
     facts = check_before_loading(cfg)  # fills those with the model's native shape
@@ -206,11 +215,11 @@ def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
     if accelerator.is_main_process:  # lines where the bar does not move for a while
         tqdm.write(f"loading {facts.name} from {cfg.model.path}")
     spec = load_model(cfg, device, facts)
-    def planned(buckets: list, skipped: list, names: list, repeats: list) -> None:  # before any clip is encoded
+    def planned(buckets: list, skipped: list, names: list) -> None:  # before any clip is encoded
         if accelerator.is_main_process:
-            held = len(held_out(cfg, names))
-            tqdm.write(data_summary(cfg, spec.variant_name, buckets, len(skipped), world, resume_from, native, held,
-                                    names, repeats))
+            held = held_out(cfg, names)
+            tqdm.write(data_summary(cfg, spec.variant_name, buckets, len(skipped), world, resume_from, native,
+                                    len(held), names, dataset_mix(cfg, names, buckets, held)))
 
     data = prepare_data(spec, cfg, accelerator, on_planned=planned)
     validator = make_validator(spec, cfg)
@@ -229,10 +238,9 @@ def setup(cfg: TrainConfig, out: Path, lock: RunLock, stop: StopFlag) -> Run:
     transformer.train()
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
 
-    held_set = set(held)
-    trained = [None if i in held_set else data.buckets[i] for i in data.order]  # None: never sampled
-    sampler = BucketBatchSampler(trained, cfg.batch_size, cfg.seed, accelerator.process_index, world,
-                                 drop_last=False)
+    mix = dataset_mix(cfg, data.names, data.buckets, held)
+    sampler = BucketBatchSampler(mix.slots, cfg.batch_size, cfg.seed, accelerator.process_index, world,
+                                 drop_last=False, items_of=mix.items)
     sharded = (model, optimizer.optimizer, lr_scheduler) if cfg.distributed.strategy == "fsdp2" else None
     step = 0
     e = cfg.ema

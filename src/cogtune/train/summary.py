@@ -29,27 +29,34 @@ def _images(buckets: list) -> str:
 
 
 def data_summary(cfg, variant: str, buckets: list, skipped: int, world: int, resume_from=None,
-                 native: list[str] = (), held: int = 0, names: list[str] = (), repeats: list[int] = ()) -> str:
+                 native: list[str] = (), held: int = 0, names: list[str] = (), mix=None) -> str:
     """The data, steps and output lines, said once the clips are planned and before any is encoded (a wrong size
     shows before hours of caching). `buckets`: (height, width, frames) of each planned clip; `native`: which of
-    data.frames/height/width were unset and took the model's native value; `held`: clips set aside."""
+    data.frames/height/width were unset and took the model's native value; `held`: clips set aside; `mix`: the
+    epoch's slots (cogtune.data.mixing.EpochMix), None: every clip once."""
     shapes = _shapes(buckets)
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
-    per_epoch = sum(repeats) if repeats else len(buckets)
-    epochs = cfg.max_steps * per_step / max(per_epoch - held, 1)
+    per_epoch = mix.size if mix is not None else len(buckets) - held
+    epochs = cfg.max_steps * per_step / max(per_epoch, 1)
     every = cfg.checkpoint.every_steps
     result = "lora/ (pytorch_lora_weights.safetensors for diffusers, lora_comfyui.safetensors for ComfyUI core)" \
         if cfg.method == "lora" else "transformer/"
     result += ", lora_ema/" if cfg.ema.decay and cfg.method == "lora" else ", transformer_ema/" if cfg.ema.decay else ""
     start = f"; resuming from {resume_from}" if resume_from else ""
-    sets = []
-    if len(set(names)) > 1:  # clips (and repeats) per dataset, in the config's order
-        for name in dict.fromkeys(names):
+    sets, frames = [], []
+    if cfg.data.datasets:  # clips, repeats or weight, and frame settings per dataset, in the config's order
+        weights = cfg.data.weights()
+        for name, d, r in cfg.data.entries():
             n = sum(1 for x in names if x == name)
-            r = next(r for x, r in zip(names, repeats) if x == name)
-            sets.append(f"{name}: {n} clips" + (f" ×{r}" if r > 1 else "")
-                        + f" ({_shapes([b for b, x in zip(buckets, names) if x == name])})")
-    return "\n".join(([f"datasets {'; '.join(sets)}"] if sets else []) + [
+            slots = mix.per_dataset.get(name, 0) if mix is not None else n * r
+            share = (", held out" if name in cfg.data.heldout_names() else
+                     f", weight {weights[name]:g}: {slots} of {per_epoch} per epoch" if name in weights
+                     else f" ×{r}" if r > 1 else "")
+            sets.append(f"{name}: {n} clips{share} ({_shapes([b for b, x in zip(buckets, names) if x == name])})")
+            frames.append(f"{name}: {d.frames_line()}")
+    else:
+        frames.append(cfg.data.frames_line())
+    return "\n".join(([f"datasets {'; '.join(sets)}"] if sets else []) + [f"frames  {'; '.join(frames)}"] + [
         f"data    {len(buckets)} clips planned{_images(buckets)}, {skipped} skipped; frames×height×width: {shapes}"
         + (f" ({variant}'s native {'/'.join(native)}: data.{', data.'.join(native)} not set)" if native else "")
         + (f"; {held} held out (never trained on, their loss is heldout_loss)" if held else ""),
