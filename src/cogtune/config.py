@@ -36,6 +36,25 @@ STRATEGIES = {
 }
 
 
+class Attention(NamedTuple):
+    route: str  # "sdpa": torch's own SDPA with its kernel pinned (every family); "dispatch": diffusers' dispatcher
+    backend: str  # the torch SDPBackend member, or diffusers' AttentionBackendName value ("" lets torch choose)
+    package: str  # what to pip install ("" for torch's own kernels)
+    cuda_only: bool
+
+
+ATTENTION = {
+    "sdpa": Attention("sdpa", "", "", False),  # torch chooses per call (flash / memory-efficient / cuDNN / math)
+    "sdpa_flash": Attention("sdpa", "FLASH_ATTENTION", "", False),  # torch's built-in FlashAttention-2 (and CPU's)
+    "sdpa_efficient": Attention("sdpa", "EFFICIENT_ATTENTION", "", True),
+    "sdpa_cudnn": Attention("sdpa", "CUDNN_ATTENTION", "", True),
+    "sdpa_math": Attention("sdpa", "MATH", "", False),  # the reference: materialises the N×N scores
+    # diffusers' dispatcher (models whose attention processor routes through it); sage is left out: it has no backward
+    "flash": Attention("dispatch", "flash", "flash-attn", True),
+    "xformers": Attention("dispatch", "xformers", "xformers", True),
+}
+
+
 class Optimizer(NamedTuple):
     module: str
     cls: str
@@ -267,6 +286,21 @@ class MemoryConfig(_Section):
         return "bf16" if cuda and mixed_precision != "no" and bf16_supported else "fp32"
 
 
+class SpeedConfig(_Section):
+    # blocks: torch.compile each repeated transformer block in place (regional compilation: one block's code is
+    # compiled once and serves them all, recompiled only for new shapes); off: eager. Pays off on long runs: the first
+    # steps (and the first step at each new bucket size) wait for the compiler.
+    compile: Literal["off", "blocks"] = "off"
+    # the attention kernel: sdpa lets torch choose; sdpa_flash/_efficient/_cudnn/_math pin one of torch's kernels;
+    # flash (flash-attn) and xformers go through diffusers' attention dispatcher, for models whose attention calls it
+    attention: Literal[tuple(ATTENTION)] = "sdpa"
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_bool(cls, v):
+        return {False: "off", True: "blocks"}.get(v, v) if isinstance(v, bool) else v
+
+
 def switch_conflicts(*, lora: bool, checkpointing: bool, activation_offload: bool, fp8_weights: bool,
                      block_offload: bool, optimizer_in_backward: bool, world: int, strategy: str, accumulation: int,
                      clipping: bool, fp16: bool) -> list[str]:
@@ -348,6 +382,7 @@ class TrainConfig(_Section):
     sft: SFTConfig = SFTConfig()
     i2v: I2VConfig = I2VConfig()
     memory: MemoryConfig = MemoryConfig()
+    speed: SpeedConfig = SpeedConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_scheduler: SchedulerConfig = SchedulerConfig()
     loss: LossConfig = LossConfig()
