@@ -325,6 +325,24 @@ def switch_conflicts(*, lora: bool, checkpointing: bool, activation_offload: boo
     return why
 
 
+def compile_conflicts(*, compile: str, block_offload: bool, fp8_weights: bool, strategy: str) -> list[str]:
+    """Why `cogtune train` refuses speed.compile with these switches (empty: it does not); the trainer raises the
+    first, the planner notes them all and proposes none of them."""
+    if compile != "blocks":
+        return []
+    why = []
+    if block_offload:
+        why.append("speed.compile=blocks with memory.block_offload: the offload hooks swap each block's weights in place "
+                   "around its forward, which breaks a compiled block's backward; turn one of them off")
+    if fp8_weights:
+        why.append("speed.compile=blocks with memory.fp8_weights: a compiled block does not see the hooks that upcast "
+                   "each fp8 weight the same way twice (its checkpoint recompute gets fp8 weights); turn one of them off")
+    if STRATEGIES[strategy].sharded:
+        why.append(f"speed.compile=blocks with distributed.strategy={strategy}: the hooks that gather sharded weights "
+                   "around each block are not supported inside compiled blocks; use ddp or zero2, or speed.compile: off")
+    return why
+
+
 class ValidationConfig(_Section):
     every_steps: int = Field(0, ge=0)  # 0 = only before and after training
     heldout_loss: bool = True  # loss on fixed clips, latents, noise and timesteps: before, every_steps, at the end

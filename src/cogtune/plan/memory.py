@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from ..config import OPTIMIZERS, TrainConfig, fill_native_shape, switch_conflicts
+from ..config import OPTIMIZERS, TrainConfig, compile_conflicts, fill_native_shape, switch_conflicts
 from ..errors import CogtuneError
 
 GiB = float(2**30)
@@ -315,11 +315,12 @@ def encoder_bytes(cfg: TrainConfig, cuda: bool) -> int:
 
 
 def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float | None = None, *,
-                world_size: int | None = None, device: str = "cuda", attention: str = "sdpa",
+                world_size: int | None = None, device: str = "cuda", attention: str | None = None,
                 switches: Switches | None = None, propose: bool = True) -> MemoryPlan:
     """Predict peak memory per accelerator (and host memory per process) for `cfg`; with `gpu_memory` (GiB), also
     propose the cheapest switches that fit (`plan.proposal`)."""
     name, st = model_stats(cfg, variant)
+    attention = attention or ("math" if cfg.speed.attention == "sdpa_math" else "sdpa")  # the others keep no N×N
     if None in (cfg.data.frames, cfg.data.height, cfg.data.width):
         fill_native_shape(cfg, _facts(cfg, name))
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
@@ -333,6 +334,8 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
         fp8_weights=s.fp8_weights, block_offload=s.block_offload, optimizer_in_backward=s.optimizer_in_backward,
         world=world, strategy=s.strategy, accumulation=s.accumulation, clipping=clipping,
         fp16=cfg.mixed_precision == "fp16")]
+    notes += [f"{why}; cogtune train refuses this config" for why in compile_conflicts(
+        compile=cfg.speed.compile, block_offload=s.block_offload, fp8_weights=s.fp8_weights, strategy=s.strategy)]
     fp8, offload = s.fp8_weights and not sft, s.block_offload and not sft
     tokens, batch, L = _tokens(cfg, st), s.batch_size, st.layers
     n_ckpt = math.ceil(L / s.checkpointing_every) if s.gradient_checkpointing else 0

@@ -13,29 +13,17 @@ from contextlib import contextmanager
 
 import torch
 
-from ..config import ATTENTION, STRATEGIES
+from ..config import ATTENTION, compile_conflicts
 
 
 def speed_conflicts(cfg, facts, cuda: bool) -> list[str]:
     """Why `cogtune train` refuses the speed switches on this machine (empty: it does not), from the config, the
     model's facts and whether CUDA is here: before any weight loads."""
-    why = []
     s, m = cfg.speed, cfg.memory
-    if s.compile == "blocks":
-        if m.block_offload:
-            why.append("speed.compile=blocks with memory.block_offload: the offload hooks swap each block's weights "
-                       "in place around its forward, which breaks a compiled block's backward; turn one of them off")
-        if m.fp8_weights:
-            why.append("speed.compile=blocks with memory.fp8_weights: a compiled block does not see the hooks that "
-                       "upcast each fp8 weight the same way twice (its checkpoint recompute gets fp8 weights); turn "
-                       "one of them off")
-        if STRATEGIES[cfg.distributed.strategy].sharded:
-            why.append(f"speed.compile=blocks with distributed.strategy={cfg.distributed.strategy}: the hooks that "
-                       "gather sharded weights around each block are not supported inside compiled blocks; use ddp "
-                       "or zero2, or speed.compile: off")
-        toolchain = compiler_missing(cuda)
-        if toolchain:
-            why.append(f"speed.compile=blocks: {toolchain}")
+    why = compile_conflicts(compile=s.compile, block_offload=m.block_offload, fp8_weights=m.fp8_weights,
+                            strategy=cfg.distributed.strategy)
+    if s.compile == "blocks" and compiler_missing(cuda):
+        why.append(f"speed.compile=blocks: {compiler_missing(cuda)}")
     a = ATTENTION[s.attention]
     if a.route == "dispatch" and not facts.attention_dispatch:
         import diffusers
