@@ -62,6 +62,15 @@ def test_compiled_lora_with_checkpointing_same_loss_resume_and_names(tiny_model,
 
 
 @pytest.mark.slow
+def test_compiled_with_every_kth_checkpointing_and_activation_offload(tiny_model, synth_data, tmp_path):
+    kw = dict(max_steps=2, memory__gradient_checkpointing=True, memory__checkpointing_every=2,
+              memory__activation_offload=True)
+    _, base = _run(tiny_model, synth_data, tmp_path / "eager", **kw)
+    _, losses = _run(tiny_model, synth_data, tmp_path / "compiled", speed__compile="blocks", **kw)
+    assert losses == pytest.approx(base, rel=FP32_REL)
+
+
+@pytest.mark.slow
 def test_a_compiled_checkpoint_resumes_eagerly(tiny_model, synth_data, tmp_path):
     kw = dict(max_steps=4, checkpoint__every_steps=2)
     _, straight = _run(tiny_model, synth_data, tmp_path / "a", **kw)

@@ -31,6 +31,9 @@ def speed_conflicts(cfg, facts, cuda: bool) -> list[str]:
         why.append(f"speed.attention={s.attention}: the attention of {facts.name} in diffusers {diffusers.__version__} "
                    "calls torch's SDPA directly, not diffusers' attention dispatcher, so this backend would be "
                    "ignored; use sdpa_flash (torch's own FlashAttention) or sdpa")
+    elif cuda and s.attention in ("sdpa_flash", "sdpa_cudnn") and cfg.mixed_precision == "no":
+        why.append(f"speed.attention={s.attention} runs fp16/bf16 inputs only on CUDA: set mixed_precision: bf16, or "
+                   "use sdpa_efficient or sdpa")
     elif a.cuda_only and not cuda:
         why.append(f"speed.attention={s.attention} needs a CUDA device; here use sdpa, sdpa_flash or sdpa_math")
     elif a.package and importlib.util.find_spec(a.package.replace("-", "_")) is None:
