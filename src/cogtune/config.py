@@ -335,11 +335,13 @@ def compile_conflicts(*, compile: str, block_offload: bool, fp8_weights: bool, s
         why.append("speed.compile=blocks with memory.block_offload: the offload hooks swap each block's weights in place "
                    "around its forward, which breaks a compiled block's backward; turn one of them off")
     if fp8_weights:
-        why.append("speed.compile=blocks with memory.fp8_weights: a compiled block does not see the hooks that upcast "
-                   "each fp8 weight the same way twice (its checkpoint recompute gets fp8 weights); turn one of them off")
+        why.append("speed.compile=blocks with memory.fp8_weights: compiled blocks and the hooks that upcast fp8 weights "
+                   "do not work together (a checkpoint recompute sees fp8 weights where the forward saw upcast ones); "
+                   "turn one of them off")
     if STRATEGIES[strategy].sharded:
-        why.append(f"speed.compile=blocks with distributed.strategy={strategy}: the hooks that gather sharded weights "
-                   "around each block are not supported inside compiled blocks; use ddp or zero2, or speed.compile: off")
+        why.append(f"speed.compile=blocks with distributed.strategy={strategy}: compiled blocks under the hooks that "
+                   "gather sharded weights around each block are not supported yet; use ddp or zero2, or "
+                   "speed.compile: off")
     return why
 
 
