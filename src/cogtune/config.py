@@ -287,6 +287,7 @@ class MemoryConfig(_Section):
 
 
 class SpeedConfig(_Section):
+    """Switches that make steps faster and change neither the loss (beyond rounding) nor what is saved."""
     # blocks: torch.compile each repeated transformer block in place (regional compilation: one block's code is
     # compiled once and serves them all, recompiled only for new shapes); off: eager. Pays off on long runs: the first
     # steps (and the first step at each new bucket size) wait for the compiler.
