@@ -46,9 +46,13 @@ def _compiled_graphs() -> int:
 def test_compiled_lora_with_checkpointing_same_loss_resume_and_names(tiny_model, synth_data, tmp_path):
     kw = dict(max_steps=4, memory__gradient_checkpointing=True, checkpoint__every_steps=2)
     _, base = _run(tiny_model, synth_data, tmp_path / "eager", **kw)
+    torch._dynamo.reset()  # no compiled code from an earlier test to reuse: this run must compile its own
     graphs = _compiled_graphs()
-    _, straight = _run(tiny_model, synth_data, tmp_path / "compiled", speed__compile="blocks", **kw)
+    result, straight = _run(tiny_model, synth_data, tmp_path / "compiled", speed__compile="blocks", **kw)
     assert _compiled_graphs() > graphs  # the blocks ran compiled, not eager behind the switch
+    from cogtune.models import repeated_blocks
+
+    assert all(b._compiled_call_impl is not None for b in repeated_blocks(result.transformer))
     assert straight == pytest.approx(base, rel=FP32_REL)
 
     _run(tiny_model, synth_data, tmp_path / "resumed", speed__compile="blocks", **{**kw, "max_steps": 2})
