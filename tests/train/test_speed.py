@@ -190,3 +190,16 @@ def test_unknown_attention_is_one_line(tiny_model, synth_data, tmp_path):
     with pytest.raises(CogtuneError, match="speed.attention") as info:
         tiny_train_config(tiny_model(VARIANT), synth_data, tmp_path, speed__attention="sage")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_of_another_family(tiny_model, synth_data, tmp_path):
+    """The blocks come from the model's spec: a Wan run compiles its own blocks, at the same loss."""
+    def run(out, **kw):
+        cfg = tiny_train_config(tiny_model("wan2.1-t2v-1.3b"), synth_data, out, max_steps=2, **kw)
+        train(cfg)
+        return [r["loss"] for r in read_metrics(out / "logs" / "metrics.jsonl") if "loss" in r]
+
+    base = run(tmp_path / "eager")
+    assert run(tmp_path / "compiled", speed__compile="blocks") == pytest.approx(base, rel=FP32_REL)
+    assert _saved_keys(tmp_path / "compiled") == _saved_keys(tmp_path / "eager")
