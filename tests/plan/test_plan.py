@@ -369,8 +369,25 @@ def test_speed_switches_in_the_plan():
     assert any(s.fp8_weights for s in candidate_switches(cfg_for(), Switches(), 1))  # what the filter took out
     p = plan_memory(compiled, gpu_memory=24).proposal
     assert p.fits and not (p.switches.fp8_weights or p.switches.block_offload)
-    # the math kernel keeps the B·H·N² scores of each block the others never hold
+    # the math kernel keeps the B·H·N² softmax of each block, in fp32 even for bf16 inputs, which the others never hold
     sdpa, math_ = plan_memory(cfg_for()), plan_memory(cfg_for(speed__attention="sdpa_math"))
     tokens = sdpa.tokens
-    assert math_.details["block_saved"] - sdpa.details["block_saved"] == 48 * tokens**2 * 2
+    assert math_.details["block_saved"] - sdpa.details["block_saved"] == 48 * tokens**2 * 4
     assert plan_memory(cfg_for(speed__attention="sdpa_flash")).total == sdpa.total
+
+
+def test_math_attention_keeps_an_fp32_softmax_for_bf16_inputs():
+    """What the planner's math-kernel term stands on: the N×N tensors autograd keeps are fp32, one storage."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, 2, 64, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    saved = {}
+
+    def pack(t):
+        if t.shape[-2:] == (64, 64):
+            saved[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes())
+        return t
+
+    with sdpa_kernel([SDPBackend.MATH]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert list(saved.values()) == [(torch.float32, 2 * 64 * 64 * 4)]
