@@ -13,7 +13,11 @@ Switches, joined with '+', applied by cogtune's own code (cogtune.train.memory):
 K-th), actoff (with ckpt: checkpointed blocks' inputs wait on the host), fp8 (layerwise casting, float8_e4m3fn storage,
 bf16 compute), adamw8bit (bitsandbytes; skipped if it does not import), inbwd (optimizer step in backward, no clipping),
 boff (LoRA: frozen block weights on the host, copied in per block, the next block prefetched on a side stream;
-boffsync: the same copied on the compute stream, no prefetch, to see what prefetch hides).
+boffsync: the same copied on the compute stream, no prefetch, to see what prefetch hides), compile (speed.compile:
+blocks, each repeated block compiled in place; the warm-up step's seconds are reported: the compile cost), and one
+attention kernel pinned as speed.attention pins it: sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math (the planner
+counts the math kernel's N×N scores), or flash / xformers (diffusers' dispatcher; refused for CogVideoX, whose
+attention calls torch's SDPA directly).
 
 Each configuration runs in a fresh process. On CUDA it reports torch.cuda.max_memory_allocated/reserved over the
 timed steps; on CPU, the peak of live tensor bytes (a dispatch-mode tracker: the CPU analog of max_memory_allocated)
@@ -139,10 +143,19 @@ def _every(switches: set[str]) -> int | None:
     return every[0] if every else None
 
 
+def attention_of(switches: set[str]) -> str:
+    from cogtune.config import ATTENTION
+
+    chosen = [s for s in switches if s in ATTENTION]
+    return chosen[0] if chosen else "sdpa"
+
+
 def apply_switches(model, switches: set[str]) -> None:
-    """cogtune's own switch code (cogtune.train.memory), as `cogtune train` applies it."""
+    """cogtune's own switch code (cogtune.train.memory and .speed), as `cogtune train` applies it."""
+    from cogtune.models import repeated_blocks
     from cogtune.train.block_offload import block_offload
     from cogtune.train.memory import every_kth_checkpointing, fp8_storage
+    from cogtune.train.speed import compile_blocks
 
     if _every(switches):
         every_kth_checkpointing(model, _every(switches), offload="actoff" in switches)
@@ -150,6 +163,8 @@ def apply_switches(model, switches: set[str]) -> None:
         fp8_storage(model, torch.bfloat16)
     if switches & {"boff", "boffsync"}:
         block_offload(model, next(model.parameters()).device, prefetch="boffsync" not in switches)
+    if "compile" in switches:  # last, as in cogtune train
+        compile_blocks(repeated_blocks(model))
 
 
 def make_inputs(args, tcfg: dict, device: torch.device) -> dict:
@@ -206,7 +221,8 @@ def predict(args, tcfg: dict, vae: dict, switches: set[str], device: torch.devic
                       fp8_weights="fp8" in switches, optimizer="adamw8bit" if "adamw8bit" in switches else "adamw",
                       batch_size=args.batch, activation_offload="actoff" in switches, block_offload=bool(switches & {"boff", "boffsync"}),
                       optimizer_in_backward="inbwd" in switches)
-        plan = plan_memory(cfg, world_size=1, device=device.type, switches=sw, propose=False)
+        attention = "math" if attention_of(switches) == "sdpa_math" else "sdpa"
+        plan = plan_memory(cfg, world_size=1, device=device.type, attention=attention, switches=sw, propose=False)
         return plan.training_peak[1] - plan.parts["context"]
 
 
@@ -222,7 +238,13 @@ def setup(args, tcfg: dict, switches: set[str], device: torch.device):
     target = torch.randn(shape[:2] + (tcfg["out_channels"],) + shape[3:], generator=torch.Generator().manual_seed(1))
     target = target.to(device)
 
+    from cogtune.train.speed import attention_kernel
+
     def step() -> None:
+        with attention_kernel(attention_of(switches)):  # backward too: checkpointed blocks recompute in there
+            _step()
+
+    def _step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(**inputs)[0]
         loss = torch.nn.functional.mse_loss(out.float(), target)
@@ -242,6 +264,15 @@ def run_one(args, label: str) -> dict:
             import bitsandbytes  # noqa: F401
         except ImportError:
             return {"config": label, "skipped": "bitsandbytes does not import"}
+    from cogtune.config import ATTENTION, compile_conflicts
+    from cogtune.models.variants import get_variant
+
+    refused = compile_conflicts(compile="blocks" if "compile" in switches else "off", fp8_weights="fp8" in switches,
+                                block_offload=bool(switches & {"boff", "boffsync"}), strategy="auto")
+    if ATTENTION[attention_of(switches)].route == "dispatch" and not get_variant(args.variant).attention_dispatch:
+        refused.append("this model's attention calls torch's SDPA directly: a dispatcher backend would be ignored")
+    if refused:
+        return {"config": label, "skipped": refused[0]}
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     tcfg, vae = model_configs(args)
     if device.type == "cpu":  # warm the libraries up (kernels, thread pools) on a 1-block copy, so RSS measures tensors
@@ -251,7 +282,10 @@ def run_one(args, label: str) -> dict:
     times = []
     try:
         step, model, params, opt, inputs, target = setup(args, tcfg, switches, device)
-        step()  # warm-up: optimizer states, kernels, allocator
+        t0 = time.perf_counter()
+        step()  # warm-up: optimizer states, kernels, allocator (and the compiler, with compile)
+        sync()
+        warmup = time.perf_counter() - t0
         if device.type == "cuda":
             sync()
             torch.cuda.reset_peak_memory_stats()
@@ -263,7 +297,7 @@ def run_one(args, label: str) -> dict:
     except torch.OutOfMemoryError:
         gib = predict(args, tcfg, vae, switches, device) / GiB
         return {"config": label, "skipped": f"out of memory (predicted {gib:.1f} GiB)"}
-    result = {"config": label, "s_per_step": sorted(times)[len(times) // 2],
+    result = {"config": label, "s_per_step": sorted(times)[len(times) // 2], "warmup_s": warmup,
               "trainable": sum(p.numel() for p in params), "params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
         result |= {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
@@ -293,8 +327,9 @@ def row(args, r: dict, command: str) -> str:
     if "skipped" in r:
         return head + f"| {size} | {r['config']} | skipped: {r['skipped']} |"
     second = r["reserved"] if r["reserved"] is not None else r.get("rss_increase")
+    warm = f" (warm-up {r['warmup_s']:.1f} s)" if "compile" in r["config"].split("+") else ""
     return (head + f"| {size} | {r['config']} | {gib(r['allocated'])} | {gib(second)} | {gib(r['predicted'])} "
-            f"| {r['ratio']:.2f} | {r['s_per_step']:.3f} | `{command}` |")
+            f"| {r['ratio']:.2f} | {r['s_per_step']:.3f}{warm} | `{command}` |")
 
 
 def main() -> None:

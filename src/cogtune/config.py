@@ -36,6 +36,25 @@ STRATEGIES = {
 }
 
 
+class Attention(NamedTuple):
+    route: str  # "sdpa": torch's own SDPA with its kernel pinned (every family); "dispatch": diffusers' dispatcher
+    backend: str  # the torch SDPBackend member, or diffusers' AttentionBackendName value ("" lets torch choose)
+    package: str  # what to pip install ("" for torch's own kernels)
+    cuda_only: bool
+
+
+ATTENTION = {
+    "sdpa": Attention("sdpa", "", "", False),  # torch chooses per call (flash / memory-efficient / cuDNN / math)
+    "sdpa_flash": Attention("sdpa", "FLASH_ATTENTION", "", False),  # torch's built-in FlashAttention-2 (and CPU's)
+    "sdpa_efficient": Attention("sdpa", "EFFICIENT_ATTENTION", "", True),
+    "sdpa_cudnn": Attention("sdpa", "CUDNN_ATTENTION", "", True),
+    "sdpa_math": Attention("sdpa", "MATH", "", False),  # the reference: materialises the N×N scores
+    # diffusers' dispatcher (models whose attention processor routes through it); sage is left out: it has no backward
+    "flash": Attention("dispatch", "flash", "flash-attn", True),
+    "xformers": Attention("dispatch", "xformers", "xformers", True),
+}
+
+
 class Optimizer(NamedTuple):
     module: str
     cls: str
@@ -328,6 +347,22 @@ class MemoryConfig(_Section):
         return "bf16" if cuda and mixed_precision != "no" and bf16_supported else "fp32"
 
 
+class SpeedConfig(_Section):
+    """Switches that make steps faster and change neither the loss (beyond rounding) nor what is saved."""
+    # blocks: torch.compile each repeated transformer block in place (regional compilation: one block's code is
+    # compiled once and serves them all, recompiled only for new shapes); off: eager. Pays off on long runs: the first
+    # steps (and the first step at each new bucket size) wait for the compiler.
+    compile: Literal["off", "blocks"] = "off"
+    # the attention kernel: sdpa lets torch choose; sdpa_flash/_efficient/_cudnn/_math pin one of torch's kernels;
+    # flash (flash-attn) and xformers go through diffusers' attention dispatcher, for models whose attention calls it
+    attention: Literal[tuple(ATTENTION)] = "sdpa"
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_bool(cls, v):
+        return {False: "off", True: "blocks"}.get(v, v) if isinstance(v, bool) else v
+
+
 def switch_conflicts(*, lora: bool, checkpointing: bool, activation_offload: bool, fp8_weights: bool,
                      block_offload: bool, optimizer_in_backward: bool, world: int, strategy: str, accumulation: int,
                      clipping: bool, fp16: bool) -> list[str]:
@@ -349,6 +384,26 @@ def switch_conflicts(*, lora: bool, checkpointing: bool, activation_offload: boo
             if present:
                 why.append(f"memory.optimizer_in_backward steps each parameter during backward: it cannot work "
                            f"with {what}")
+    return why
+
+
+def compile_conflicts(*, compile: str, block_offload: bool, fp8_weights: bool, strategy: str) -> list[str]:
+    """Why `cogtune train` refuses speed.compile with these switches (empty: it does not); the trainer raises the
+    first, the planner notes them all and proposes none of them."""
+    if compile != "blocks":
+        return []
+    why = []
+    if block_offload:
+        why.append("speed.compile=blocks with memory.block_offload: the offload hooks swap each block's weights in place "
+                   "around its forward, which breaks a compiled block's backward; turn one of them off")
+    if fp8_weights:
+        why.append("speed.compile=blocks with memory.fp8_weights: compiled blocks and the hooks that upcast fp8 weights "
+                   "do not work together (a checkpoint recompute sees fp8 weights where the forward saw upcast ones); "
+                   "turn one of them off")
+    if STRATEGIES[strategy].sharded:
+        why.append(f"speed.compile=blocks with distributed.strategy={strategy}: compiled blocks under the hooks that "
+                   "gather sharded weights around each block are not supported yet; use ddp or zero2, or "
+                   "speed.compile: off")
     return why
 
 
@@ -418,6 +473,7 @@ class TrainConfig(_Section):
     sft: SFTConfig = SFTConfig()
     i2v: I2VConfig = I2VConfig()
     memory: MemoryConfig = MemoryConfig()
+    speed: SpeedConfig = SpeedConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_scheduler: SchedulerConfig = SchedulerConfig()
     loss: LossConfig = LossConfig()

@@ -357,3 +357,37 @@ def test_presets_are_what_the_planner_chooses_now(tmp_path):
     for rel in fresh:
         assert (tmp_path / rel).read_text() == (ROOT / "configs" / rel).read_text(), \
             f"configs/{rel} is stale: python -m cogtune.plan.presets --write-presets configs"
+
+
+def test_speed_switches_in_the_plan():
+    # compile refuses fp8 storage and block offload: noted, and never proposed
+    assert any("refuses" in n and "speed.compile" in n for n in plan_memory(
+        cfg_for(speed__compile="blocks", memory__block_offload=True)).notes)
+    compiled = cfg_for(speed__compile="blocks")
+    assert not any(s.fp8_weights or s.block_offload or s.strategy in ("zero3", "fsdp2")
+                   for s in candidate_switches(compiled, Switches(), 1) + candidate_switches(compiled, Switches(), 8))
+    assert any(s.fp8_weights for s in candidate_switches(cfg_for(), Switches(), 1))  # what the filter took out
+    p = plan_memory(compiled, gpu_memory=24).proposal
+    assert p.fits and not (p.switches.fp8_weights or p.switches.block_offload)
+    # the math kernel keeps the B·H·N² softmax of each block, in fp32 even for bf16 inputs, which the others never hold
+    sdpa, math_ = plan_memory(cfg_for()), plan_memory(cfg_for(speed__attention="sdpa_math"))
+    tokens = sdpa.tokens
+    assert math_.details["block_saved"] - sdpa.details["block_saved"] == 48 * tokens**2 * 4
+    assert plan_memory(cfg_for(speed__attention="sdpa_flash")).total == sdpa.total
+
+
+def test_math_attention_keeps_an_fp32_softmax_for_bf16_inputs():
+    """What the planner's math-kernel term stands on: the N×N tensors autograd keeps are fp32, one storage."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, 2, 64, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    saved = {}
+
+    def pack(t):
+        if t.shape[-2:] == (64, 64):
+            saved[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes())
+        return t
+
+    with sdpa_kernel([SDPBackend.MATH]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert list(saved.values()) == [(torch.float32, 2 * 64 * 64 * 4)]

@@ -49,6 +49,10 @@ class ModelFacts:
     # there is none); set False, the model is built without that table and takes any size of size_multiple.
     size_lock_key: str = ""
     positions_dropped: bool = False  # run without that table (model.drop_learned_positions, a LoRA, or the folder)
+    # whether the family's diffusers attention processors call diffusers' attention dispatcher, so that
+    # `set_attention_backend` takes effect (False: they call torch's SDPA directly, and a dispatcher backend would be
+    # silently ignored; tests/train/test_speed.py checks both against the installed diffusers)
+    attention_dispatch: bool = False
 
     def transformer_overrides(self) -> dict:
         """The transformer config values that build the model as these facts describe it (from_pretrained kwargs)."""

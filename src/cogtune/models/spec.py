@@ -60,6 +60,9 @@ class ModelSpec(Protocol):
         """Scalar loss for one batch of cached tensors; sample i draws all its randomness from gens[i].
         `timesteps`: fixed ones (the objective's heldout_points); `heldout`: no augmentation of the conditioning."""
 
+    def blocks(self) -> list[torch.nn.Module]:
+        """The transformer's repeated blocks, in order (what checkpointing, offload and compilation work on)."""
+
     def set_vae_memory(self, slicing: bool, tiling: bool) -> None: ...
 
     def encoders_to(self, device: torch.device, dtype: torch.dtype | None = None, stream_text: bool = False) -> None:

@@ -36,7 +36,8 @@ _COMMON = dict(
     family=FAMILY, size_multiple=16, text_tokens=226, guidance=6.0, objective="v_prediction",
     lora_targets=("to_q", "to_k", "to_v", "to_out.0"), block_classes=("CogVideoXBlock",),
     fp8_skip=("patch_embed", "norm", "lora_", "proj_out", "pos_embedding", "time_embedding", "ofs_embedding"),
-    transformer_class="CogVideoXTransformer3DModel",
+    # diffusers' CogVideoXAttnProcessor2_0 calls F.scaled_dot_product_attention itself, not the dispatcher
+    transformer_class="CogVideoXTransformer3DModel", attention_dispatch=False,
 )
 LEARNED_TABLE = "use_learned_positional_embeddings"  # 5B-I2V's learned positional table (CogVideoXPatchEmbed)
 

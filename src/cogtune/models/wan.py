@@ -32,7 +32,7 @@ _COMMON = dict(
     fixed_resolution=False, text_tokens=TEXT_TOKENS, guidance=5.0, objective="flow_matching",
     lora_targets=("to_q", "to_k", "to_v", "to_out.0"), block_classes=("WanTransformerBlock",),
     fp8_skip=("patch_embedding", "condition_embedder", "norm", "lora_", "proj_out", "scale_shift_table"),
-    transformer_class="WanTransformer3DModel",
+    transformer_class="WanTransformer3DModel", attention_dispatch=True,
 )
 VARIANTS: dict[str, ModelFacts] = {
     "wan2.1-t2v-1.3b": ModelFacts(name="wan2.1-t2v-1.3b", native_height=480, native_width=832,

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, replace
 from itertools import product
 
-from ..config import TrainConfig
+from ..config import TrainConfig, compile_conflicts
 from .memory import HEADROOM, GiB, MemoryPlan, Switches, model_stats, plan_memory
 
 __all__ = ["GiB", "MemoryPlan", "Proposal", "Switches", "plan_memory", "propose_switches", "step_cost"]
@@ -76,6 +76,8 @@ def candidate_switches(cfg: TrainConfig, current: Switches, world: int) -> list[
             [current.activation_offload, True], in_bwd, [current.stream_text_encoder, True]):
         if ib and (strat != "auto" or a > 1):
             continue
+        if compile_conflicts(compile=cfg.speed.compile, block_offload=off, fp8_weights=fp8, strategy=strat):
+            continue
         out.append(replace(current, gradient_checkpointing=gc, checkpointing_every=k, fp8_weights=fp8,
                            block_offload=off, offload_encoders=enc, optimizer=opt, strategy=strat, batch_size=b,
                            accumulation=a, activation_offload=act and gc, optimizer_in_backward=ib,
@@ -91,7 +93,7 @@ def propose_switches(cfg: TrainConfig, plan: MemoryPlan, gpu_memory: float, **kw
     scored, plans = [], {}
     for s in candidate_switches(cfg, plan.switches, plan.world_size):
         p = plans[s] = plan_memory(cfg, kw.get("variant"), world_size=plan.world_size, device=kw.get("device", "cuda"),
-                                   attention=kw.get("attention", "sdpa"), switches=s, propose=False)
+                                   attention=kw.get("attention"), switches=s, propose=False)
         scored.append((not p.fits(gpu_memory), step_cost(s, st_layers), p.total, s))
     nothing_fits = all(unfit for unfit, *_ in scored)
     scored.sort(key=lambda x: (x[2], x[1]) if nothing_fits else (x[0], x[1], x[2]))

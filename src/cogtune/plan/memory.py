@@ -13,7 +13,8 @@ autograd in one CogVideoXBlock (checked against saved_tensors_hooks in tests/tes
 - SFT also: both LayerNorm outputs (fp32 under CUDA autocast) and both gated branch outputs.
 LoRA on the attention in bf16: 16 units a block; SFT 23, on CUDA 27 (fp32 norm outputs, a q/k/v copy each).
 A checkpointed block (blocks 0, k, 2k, ... with checkpointing_every=k) keeps its input (1 unit) and is recomputed in
-backward. SDPA's flash/memory-efficient kernels keep no N×N matrix; attention="math" adds B·H·N²·c per block.
+backward. SDPA's flash/memory-efficient kernels keep no N×N matrix; attention="math" adds B·H·N²·4 per block (torch's
+math kernel runs the softmax of bf16/fp16 inputs in fp32 and keeps its output).
 Outside the blocks 1.5 units (LoRA) / 3.5 (SFT). Transients, from live-tensor peaks on CPU: forward 6 (LoRA) / 1 (SFT),
 10 within a checkpointed block; backward 8 plus the recomputed block; +2 where CUDA autocast makes norm outputs fp32.
 
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from ..config import OPTIMIZERS, TrainConfig, fill_native_shape, switch_conflicts
+from ..config import OPTIMIZERS, TrainConfig, compile_conflicts, fill_native_shape, switch_conflicts
 from ..errors import CogtuneError
 
 GiB = float(2**30)
@@ -315,11 +316,12 @@ def encoder_bytes(cfg: TrainConfig, cuda: bool) -> int:
 
 
 def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float | None = None, *,
-                world_size: int | None = None, device: str = "cuda", attention: str = "sdpa",
+                world_size: int | None = None, device: str = "cuda", attention: str | None = None,
                 switches: Switches | None = None, propose: bool = True) -> MemoryPlan:
     """Predict peak memory per accelerator (and host memory per process) for `cfg`; with `gpu_memory` (GiB), also
     propose the cheapest switches that fit (`plan.proposal`)."""
     name, st = model_stats(cfg, variant)
+    attention = attention or ("math" if cfg.speed.attention == "sdpa_math" else "sdpa")  # the others keep no N×N
     if None in (cfg.data.frames, cfg.data.height, cfg.data.width):
         fill_native_shape(cfg, _facts(cfg, name))
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
@@ -333,6 +335,8 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
         fp8_weights=s.fp8_weights, block_offload=s.block_offload, optimizer_in_backward=s.optimizer_in_backward,
         world=world, strategy=s.strategy, accumulation=s.accumulation, clipping=clipping,
         fp16=cfg.mixed_precision == "fp16")]
+    notes += [f"{why}; cogtune train refuses this config" for why in compile_conflicts(
+        compile=cfg.speed.compile, block_offload=s.block_offload, fp8_weights=s.fp8_weights, strategy=s.strategy)]
     fp8, offload = s.fp8_weights and not sft, s.block_offload and not sft
     tokens, batch, L = _tokens(cfg, st), s.batch_size, st.layers
     n_ckpt = math.ceil(L / s.checkpointing_every) if s.gradient_checkpointing else 0
@@ -346,14 +350,14 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
     unit = batch * tokens * st.dim * c
     per_block = batch * tokens * block_saved_bytes(cfg, st, inside, c, n, fp8)
     if attention == "math":
-        per_block += batch * st.heads * tokens**2 * c
+        per_block += batch * st.heads * tokens**2 * 4
     outside = unit * (UNITS["out_sft"] if sft else UNITS["out_lora"])
     # activation_offload: checkpointed blocks' inputs wait on the host; one is in flight at a time each way
     offloaded = max(n_ckpt - 2, 0) * unit if s.activation_offload and n_ckpt else 0.0
     kept = (L - n_ckpt) * per_block + n_ckpt * unit + outside - offloaded
     extra = UNITS["norm32"] * unit if n != c else 0.0
     t_fwd = UNITS["fwd_ckpt"] * unit if n_ckpt else UNITS["fwd_sft" if sft else "fwd_lora"] * unit
-    t_fwd += extra + (2 * batch * st.heads * tokens**2 * c if attention == "math" else 0)
+    t_fwd += extra + (2 * batch * st.heads * tokens**2 * 4 if attention == "math" else 0)
     t_bwd = UNITS["bwd"] * unit + extra
     last_recomputed = n_ckpt and (L - 1) % s.checkpointing_every == 0  # blocks 0, k, 2k, ... are checkpointed
     t_bwd_start = t_bwd + (per_block if last_recomputed else 0)

@@ -32,6 +32,7 @@ from .outputs import lora_files_into, rescue, rescue_folders, save_outputs, save
 from .plot import write_loss_plot
 from .runlock import RunLock, StopFlag, Stopped, check_not_live
 from .setup import WEIGHT_DTYPES, Run, make_validator, prepare_model, setup  # noqa: F401 (their old home)
+from .speed import attention_kernel
 
 log = logging.getLogger("cogtune")
 
@@ -65,7 +66,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         try:
             run = setup(cfg, out, lock, stop)
             try:
-                return train_run(run, stop)
+                with attention_kernel(cfg.speed.attention):  # after every check: the kernels are there
+                    return train_run(run, stop)
             finally:
                 run.metrics.close()
         except Stopped:

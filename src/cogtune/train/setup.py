@@ -34,6 +34,7 @@ from .encode import PreparedData, prepare_data
 from .memory import check_switches, encoder_dtype, every_kth_checkpointing, fp8_storage, make_optimizer
 from .metrics import MetricsLog, check_reporting
 from .runlock import RunLock, StopFlag
+from .speed import compile_blocks, speed_conflicts
 from .summary import data_summary, memory_forecast, model_summary
 
 log = logging.getLogger("cogtune")
@@ -92,6 +93,9 @@ def check_before_loading(cfg: TrainConfig):
     family_options(cfg, facts)  # another family's options are refused, not ignored
     check_switches(cfg, world_size())
     check_reporting(cfg.logging.report_to)
+    speed = speed_conflicts(cfg, facts, torch.cuda.is_available())
+    if speed:
+        raise CogtuneError(speed[0])
     if cfg.ema.decay and STRATEGIES[cfg.distributed.strategy].sharded:
         raise CogtuneError(f"ema.decay with distributed.strategy={cfg.distributed.strategy}: the parameters are split "
                            "across ranks, which the average does not follow yet; use zero2, ddp or one process")
@@ -145,6 +149,8 @@ def prepare_model(spec, cfg: TrainConfig, device) -> list[torch.nn.Parameter]:
     spec.to(device, keep_on_host=offload.host_params() if offload else ())
     keep = not m.offload_encoders
     spec.encoders_for_training(text=keep, vae=keep or spec.vae_in_training)
+    if cfg.speed.compile == "blocks":  # last: the compiled code sees the adapters, checkpointing and final devices
+        compile_blocks(spec.blocks())
     return [p for p in transformer.parameters() if p.requires_grad]
 
 

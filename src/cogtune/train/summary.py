@@ -83,11 +83,14 @@ def model_summary(cfg, variant: str, transformer, device) -> str:
     switches += [cfg.optimizer.name] if cfg.optimizer.name != "adamw" else []
     switches += [f"ema {cfg.ema.decay}"] if cfg.ema.decay else []
     table = ", without its learned positional table" if cfg.model.drop_learned_positions else ""
+    speed = (["compiled blocks (the first steps, and the first at each new size, wait for the compiler)"]
+             if cfg.speed.compile == "blocks" else []) + (
+        [f"attention {cfg.speed.attention}"] if cfg.speed.attention != "sdpa" else [])
     return "\n".join([
         f"model   {variant}{table}, {method}: {_count(trainable)} of {_count(total)} parameters train",
         f"memory  {', '.join(switches) or 'no switches'}; {device.type}, mixed precision {cfg.mixed_precision}, "
         f"strategy {cfg.distributed.strategy}",
-    ])
+    ] + ([f"speed   {', '.join(speed)}"] if speed else []))
 
 
 def memory_forecast(cfg, world: int, gpu_bytes: int) -> tuple[str, bool] | None:
