@@ -248,6 +248,10 @@ class MemoryConfig(_Section):
     # clipping (optimizer.max_grad_norm: null); step time unchanged
     optimizer_in_backward: bool = False
     fp8_weights: bool = False  # frozen base Linear weights stored as float8_e4m3fn, computed in the training dtype
+    # QLoRA: frozen base Linear weights stored as NF4 (4 bits + block scales, ~0.52 byte/param, torchao), computed in
+    # the training dtype; the adapters stay fp32 and the saved LoRA is the same file as without it (pip install
+    # cogtune[nf4])
+    nf4_weights: bool = False
     block_offload: bool = False  # frozen weights of each block live on the host, copied in for its forward (LoRA)
     vae_slicing: bool = True
     vae_tiling: bool = True
@@ -269,7 +273,7 @@ class MemoryConfig(_Section):
 
 def switch_conflicts(*, lora: bool, checkpointing: bool, activation_offload: bool, fp8_weights: bool,
                      block_offload: bool, optimizer_in_backward: bool, world: int, strategy: str, accumulation: int,
-                     clipping: bool, fp16: bool) -> list[str]:
+                     clipping: bool, fp16: bool, nf4_weights: bool = False) -> list[str]:
     """Why `cogtune train` refuses a combination of memory switches (empty: it does not). One list for the trainer,
     which raises the first, and the planner, which notes them all."""
     why = []
@@ -277,9 +281,17 @@ def switch_conflicts(*, lora: bool, checkpointing: bool, activation_offload: boo
         why.append("memory.activation_offload moves what checkpointed blocks keep to the host: it needs "
                    "memory.gradient_checkpointing: true")
     for on, name, what in ((fp8_weights, "fp8_weights", "stores frozen weights in fp8"),
-                           (block_offload, "block_offload", "keeps frozen weights on the host")):
+                           (block_offload, "block_offload", "keeps frozen weights on the host"),
+                           (nf4_weights, "nf4_weights", "stores frozen weights in 4 bits")):
         if on and not lora:
             why.append(f"memory.{name} {what}; method: sft trains every weight, so it needs method: lora")
+    if nf4_weights:
+        for what, present in (("memory.fp8_weights (one storage dtype per weight: keep one of the two)", fp8_weights),
+                              ("memory.block_offload (it moves plain weights between host and device)", block_offload),
+                              (f"distributed.strategy={strategy} or several processes (NF4 tensors are not broadcast "
+                               "or sharded here yet): train on one process", world > 1 or strategy != "auto")):
+            if present:
+                why.append(f"memory.nf4_weights stores frozen weights in 4 bits: it cannot work with {what}")
     if optimizer_in_backward:
         for what, present in (("several processes (gradients must be reduced first)", world > 1 or strategy != "auto"),
                               ("gradient_accumulation_steps > 1", accumulation > 1),

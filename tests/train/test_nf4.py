@@ -1,0 +1,196 @@
+"""memory.nf4_weights (QLoRA): frozen Linear weights in NF4 give the forward of their dequantised weights, train
+LoRA adapters that save as the same file as without it and load on the unquantised base, resume exactly, and
+refuse, in one line, what cannot work."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from cogtune.errors import CogtuneError
+from cogtune.train.loop import train
+from cogtune.train.metrics import read_metrics
+from conftest import tiny_train_config
+
+pytest.importorskip("torchao")
+
+NF4 = {"memory__nf4_weights": True, "memory__gradient_checkpointing": True}
+
+
+def _inputs(spec_like, seed=0):
+    """Transformer inputs of the tiny 5B model at its native size (9 frames, 32×32)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = spec_like.config
+    frames = (c.sample_frames - 1) // c.temporal_compression_ratio + 1
+    latents = torch.randn(1, frames, c.in_channels, c.sample_height, c.sample_width, generator=gen)
+    text = torch.randn(1, c.max_text_seq_length, c.text_embed_dim, generator=gen)
+    return dict(hidden_states=latents, encoder_hidden_states=text,
+                timestep=torch.tensor([500]), return_dict=False)
+
+
+def _quantised(model):
+    from cogtune.models import facts_of_transformer
+    from cogtune.train.memory import nf4_storage
+
+    q = copy.deepcopy(model)
+    nf4_storage(q, torch.device("cpu"), facts_of_transformer(q).fp8_skip)
+    return q
+
+
+def _nf4_weights(model) -> dict:
+    from torchao.quantization import NF4Tensor
+
+    return {n: m.weight for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), NF4Tensor)}
+
+
+def test_forward_is_the_dequantised_weights_forward(tiny_model):
+    from diffusers import CogVideoXTransformer3DModel
+
+    full = CogVideoXTransformer3DModel.from_pretrained(str(tiny_model("cogvideox-5b") / "transformer")).eval()
+    full.requires_grad_(False)  # frozen, as under LoRA: only frozen weights are quantised
+    nf4 = _quantised(full)
+    stored = _nf4_weights(nf4)
+    assert len(stored) >= 8  # every block's attention and feed-forward Linear at least
+    dequantised = copy.deepcopy(full)
+    for name, w in stored.items():
+        dequantised.get_submodule(name).weight.data = w.get_original_weight()
+    inputs = _inputs(full)
+    with torch.no_grad():
+        ref, q, dq = (m(**inputs)[0] for m in (full, nf4, dequantised))
+    # the same fp32 weights through the same ops: equal up to fp32 rounding of a reordered sum at most
+    torch.testing.assert_close(q, dq, rtol=1e-5, atol=1e-6)
+    # the gap to the unquantised model comes from the weight error: to first order a sum over the quantised layers
+    # a signal crosses in series, each adding at most its relative weight error (a Linear's relative output error is
+    # below ||ΔW|| / ||W|| in the spectral sense; Frobenius norms stand in for it, the max over layers for each
+    # term). In series per block: q/k/v (side by side), the output projection, the two feed-forward Linears
+    errors = {n: ((w.get_original_weight() - full.get_submodule(n).weight).norm() /
+                  full.get_submodule(n).weight.norm()).item() for n, w in stored.items()}
+    worst = max(errors.values())
+    assert 0.01 < worst < 0.2  # 16 levels over each block's absmax: a few percent, never tens
+    gap = ((q - ref).norm() / ref.norm()).item()
+    in_series = 4 * full.config.num_layers
+    assert 1e-4 < gap <= in_series * worst  # measured: 0.008 against a bound of 0.74 (residuals carry most signal)
+
+
+def _run(tiny_model, synth_data, out, **kw):
+    cfg = tiny_train_config(tiny_model("cogvideox-5b"), synth_data, out, optimizer__lr=5e-3, **kw)
+    result = train(cfg)
+    losses = {r["step"]: r["loss"] for r in read_metrics(out / "logs" / "metrics.jsonl") if "loss" in r}
+    return result, losses
+
+
+def _file(path):
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    return {k: (tuple(v.shape), v.dtype) for k, v in load_file(str(path)).items()}, meta
+
+
+@pytest.mark.slow
+def test_qlora_trains_saves_the_same_file_and_loads_on_the_full_base(tiny_model, synth_data, tmp_path):
+    from diffusers import CogVideoXPipeline
+
+    result, losses = _run(tiny_model, synth_data, tmp_path / "nf4", max_steps=3, **NF4)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(list(losses.values()))))
+    assert len(_nf4_weights(result.transformer)) >= 8  # the run really trained on NF4 weights
+    plain, _ = _run(tiny_model, synth_data, tmp_path / "plain", max_steps=1, memory__gradient_checkpointing=True)
+    (shapes, meta), (plain_shapes, plain_meta) = _file(result.lora_path), _file(plain.lora_path)
+    assert shapes == plain_shapes
+    assert meta["lora_adapter_metadata"] == plain_meta["lora_adapter_metadata"]
+    assert meta.keys() == plain_meta.keys()
+    trained = {k: v for k, v in load_file(str(result.lora_path)).items()}
+    assert max(v.abs().max().item() for k, v in trained.items() if "lora_B" in k) > 1e-4  # adapters moved from 0
+
+    pipe = CogVideoXPipeline.from_pretrained(str(tiny_model("cogvideox-5b")))
+    pipe.load_lora_weights(str(result.lora_path.parent), weight_name=result.lora_path.name, adapter_name="q")
+    # each adapted layer's delta (B·A·alpha/r) is the trained adapter's, on the unquantised base
+    loaded = {n: m for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "q" in m.lora_A}
+    ours = {n: m for n, m in result.transformer.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert loaded.keys() == ours.keys() and loaded
+    for name in ours:
+        torch.testing.assert_close(loaded[name].get_delta_weight("q"), ours[name].get_delta_weight("default"),
+                                   rtol=1e-6, atol=1e-7, msg=name)
+    # and the whole model: the loaded pipeline, quantised the way training quantised, is the trained model
+    inputs = _inputs(pipe.transformer)
+    with torch.no_grad():
+        want = result.transformer(**inputs)[0]
+        got = _quantised(pipe.transformer)(**inputs)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_gives_the_uninterrupted_losses(tiny_model, synth_data, tmp_path):
+    kw = dict(NF4, checkpoint__every_steps=2, max_steps=4)
+    _, straight = _run(tiny_model, synth_data, tmp_path / "a", **kw)
+    _run(tiny_model, synth_data, tmp_path / "b", **{**kw, "max_steps": 2})
+    _, resumed = _run(tiny_model, synth_data, tmp_path / "b", resume="latest", **kw)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    assert [resumed[s] for s in (3, 4)] == pytest.approx([straight[s] for s in (3, 4)], rel=1e-6)
+
+
+@pytest.mark.parametrize("switches,match", [
+    ({"method": "sft"}, r"^memory.nf4_weights .* needs method: lora$"),
+    ({"memory__fp8_weights": True}, r"^memory.nf4_weights .* cannot work with memory.fp8_weights"),
+    ({"memory__block_offload": True}, r"^memory.nf4_weights .* cannot work with memory.block_offload"),
+])
+def test_impossible_combinations_are_one_line_before_caching(tiny_model, synth_data, tmp_path, switches, match):
+    cfg = tiny_train_config(tiny_model("cogvideox-5b"), synth_data, tmp_path / "run", data__cache_dir=tmp_path / "c",
+                            memory__nf4_weights=True, **switches)
+    with pytest.raises(CogtuneError, match=match) as info:
+        train(cfg)
+    assert "\n" not in str(info.value) and not (tmp_path / "c").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("strategy,world", [("zero2", 1), ("zero3", 1), ("fsdp2", 1), ("auto", 2)])
+def test_sharded_or_several_processes_are_refused(strategy, world):
+    from cogtune.config import switch_conflicts
+
+    why = switch_conflicts(lora=True, checkpointing=True, activation_offload=False, fp8_weights=False,
+                           block_offload=False, optimizer_in_backward=False, world=world, strategy=strategy,
+                           accumulation=1, clipping=True, fp16=False, nf4_weights=True)
+    assert len(why) == 1 and "one process" in why[0] and "\n" not in why[0]
+
+
+def test_missing_torchao_is_one_line(tiny_model, synth_data, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what an uninstalled package looks like to import
+    cfg = tiny_train_config(tiny_model("cogvideox-5b"), synth_data, tmp_path / "run", **NF4)
+    with pytest.raises(CogtuneError, match=r"^memory.nf4_weights needs the torchao package: pip install") as info:
+        train(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_plan_prices_nf4(tiny_model, tmp_path, capsys):
+    from cogtune.cli import main
+    from cogtune.config import load_config
+    from cogtune.plan import GiB, Switches, plan_memory
+    from cogtune.plan.memory import NF4_BYTES, model_stats
+
+    tree = {"model": {"path": str(tmp_path / "absent"), "variant": "cogvideox-5b"}, "data": {"root": str(tmp_path)},
+            "output_dir": str(tmp_path / "out"), "mixed_precision": "bf16", "lora": {"rank": 64, "alpha": 64}}
+    cfg = load_config(None, [], base=tree)
+    _, st = model_stats(cfg)
+    ckpt = dict(gradient_checkpointing=True)
+    bf16, nf4 = (plan_memory(cfg, switches=Switches(**ckpt, nf4_weights=q)) for q in (False, True))
+    quantised = st.layers * st.block_nf4 + st.outside_nf4
+    assert quantised > 0.7 * st.params  # the blocks' Linear weights are most of the model
+    saved = bf16.parts["frozen"] - nf4.parts["frozen"]
+    assert saved == pytest.approx(quantised * (2 - NF4_BYTES))
+    assert nf4.total < bf16.total - 5 * GiB  # 5B: ~10.4 GB of bf16 weights become ~3.8
+    # the CLI's table: the frozen weights' row shrinks by the same amount
+    import yaml
+
+    rows = {}
+    for q in (False, True):
+        cfg_file = tmp_path / f"nf4_{q}.yaml"
+        cfg_file.write_text(yaml.safe_dump({**tree, "memory": {"nf4_weights": q, "gradient_checkpointing": True}}))
+        assert main(["plan", str(cfg_file)]) in (0, None)
+        out = capsys.readouterr().out
+        assert ("frozen Linear weights in NF4" in out) == q
+        rows[q] = next(line for line in out.splitlines() if line.startswith("frozen weights")).split()
+    assert float(rows[False][2]) - float(rows[True][2]) == pytest.approx(saved / GiB, abs=0.01)
