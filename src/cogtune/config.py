@@ -288,8 +288,8 @@ def switch_conflicts(*, lora: bool, checkpointing: bool, activation_offload: boo
     if nf4_weights:
         for what, present in (("memory.fp8_weights (one storage dtype per weight: keep one of the two)", fp8_weights),
                               ("memory.block_offload (it moves plain weights between host and device)", block_offload),
-                              (f"distributed.strategy={strategy} or several processes (NF4 tensors are not broadcast "
-                               "or sharded here yet): train on one process", world > 1 or strategy != "auto")):
+                              (f"distributed.strategy={strategy} (NF4 tensors are not sharded here yet): use ddp or "
+                               "one process", strategy not in ("auto", "ddp"))):
             if present:
                 why.append(f"memory.nf4_weights stores frozen weights in 4 bits: it cannot work with {what}")
     if optimizer_in_backward:

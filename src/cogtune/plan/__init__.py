@@ -2,7 +2,7 @@
 and pick the cheapest memory switches that fit a GPU (`propose_switches`, here).
 
 The search tries every combination of: gradient checkpointing off / every 4th / every 2nd / every block; fp8 or NF4
-storage and block offload of the frozen weights (LoRA only; NF4 on one process, without block offload); the encoders off the GPU; 8-bit AdamW (when AdamW is chosen);
+storage and block offload of the frozen weights (LoRA only; NF4 without ZeRO/FSDP2 or block offload); the encoders off the GPU; 8-bit AdamW (when AdamW is chosen);
 activation offload (with checkpointing); the optimizer step in backward (SFT, one process, no accumulation);
 streaming T5 layer by layer while it encodes;
 the distributed strategy (one process: as configured, zero2_offload, zero3_offload; several: also ddp, zero2, fsdp2,
@@ -71,7 +71,7 @@ def candidate_switches(cfg: TrainConfig, current: Switches, world: int) -> list[
     if current.batch_size > 1:
         batches.append((1, current.batch_size * current.accumulation))
     flags = [False] if sft else [False, True]
-    storage = [(False, False)] if sft else [(False, False), (True, False)] + ([(False, True)] if world == 1 else [])
+    storage = [(False, False)] if sft else [(False, False), (True, False), (False, True)]
     in_bwd = [current.optimizer_in_backward] + ([True] if sft and world == 1 else [])
     out = []
     for (gc, k), (fp8, nf4), off, enc, opt, strat, (b, a), act, ib, st5 in product(
@@ -79,7 +79,7 @@ def candidate_switches(cfg: TrainConfig, current: Switches, world: int) -> list[
             [current.activation_offload, True], in_bwd, [current.stream_text_encoder, True]):
         if ib and (strat != "auto" or a > 1):
             continue
-        if nf4 and (strat != "auto" or off):  # config.switch_conflicts refuses these
+        if nf4 and (strat not in ("auto", "ddp") or off):  # config.switch_conflicts refuses these
             continue
         out.append(replace(current, gradient_checkpointing=gc, checkpointing_every=k, fp8_weights=fp8,
                            block_offload=off, offload_encoders=enc, optimizer=opt, strategy=strat, batch_size=b,

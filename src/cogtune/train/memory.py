@@ -110,7 +110,7 @@ def nf4_storage(transformer, device: torch.device, skip: tuple[str, ...]) -> lis
     logging.getLogger("torchao").setLevel(logging.ERROR)  # its optional CUDA kernels' load failures are noise here
     from torchao.quantization import to_nf4
 
-    done = []
+    done, names = [], []
     for name, module in transformer.named_modules():
         w = getattr(module, "weight", None)
         if type(module) is not torch.nn.Linear or w is None or w.requires_grad or any(s in name for s in skip):
@@ -120,6 +120,11 @@ def nf4_storage(transformer, device: torch.device, skip: tuple[str, ...]) -> lis
             continue
         module.weight = torch.nn.Parameter(to_nf4(w.detach().to(device).contiguous(), *sizes), requires_grad=False)
         done.append(module.weight)
+        names.append(f"{name}.weight")
+    # DDP broadcasts every parameter from rank 0 at start: each rank quantised the same base weights the same way,
+    # so the NF4 ones are left out of it (no copy of the base over the wire)
+    transformer._ddp_params_and_buffers_to_ignore = [*getattr(transformer, "_ddp_params_and_buffers_to_ignore", ()),
+                                                     *names]
     return done
 
 
