@@ -97,11 +97,10 @@ def test_qlora_trains_saves_the_same_file_and_loads_on_the_full_base(tiny_model,
     result, losses = _run(tiny_model, synth_data, tmp_path / "nf4", max_steps=3, **NF4)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(list(losses.values()))))
     assert len(_nf4_weights(result.transformer)) >= 8  # the run really trained on NF4 weights
-    plain, _ = _run(tiny_model, synth_data, tmp_path / "plain", max_steps=1, memory__gradient_checkpointing=True)
+    plain, _ = _run(tiny_model, synth_data, tmp_path / "plain", max_steps=3, memory__gradient_checkpointing=True)
     (shapes, meta), (plain_shapes, plain_meta) = _file(result.lora_path), _file(plain.lora_path)
-    assert shapes == plain_shapes
-    assert meta["lora_adapter_metadata"] == plain_meta["lora_adapter_metadata"]
-    assert meta.keys() == plain_meta.keys()
+    assert shapes == plain_shapes  # keys, shapes and dtypes (fp32)
+    assert meta == plain_meta  # the peft config diffusers reads (the scale), and every cogtune.* key
     trained = {k: v for k, v in load_file(str(result.lora_path)).items()}
     assert max(v.abs().max().item() for k, v in trained.items() if "lora_B" in k) > 1e-4  # adapters moved from 0
 
