@@ -23,8 +23,8 @@ trainable ones, their gradients and torch AdamW's foreach scratch (CUDA) in fp32
 Autocast caches a bf16 copy of each fp32 trainable weight through the forward (SFT). Layerwise casting and block
 offload swap `param.data` per layer or block, but what a frozen linear saves for backward keeps the compute-dtype
 (on-loaded) copy alive: fp8 storage and block offload save memory in checkpointed blocks only. An NF4 linear saves
-its NF4 weight for backward and dequantises it again there: one layer's compute-dtype copy at a time, with or
-without checkpointing.
+its NF4 weight for backward and dequantises it again there: one layer's dequantisation at a time (NF4_DEQUANT),
+with or without checkpointing.
 Strategies: DDP doubles the gradients (buckets). DeepSpeed holds the module in bf16, fp32 master/gradient/optimizer
 shards (ZeRO-2; ZeRO-3 shards the bf16 module too and gathers two blocks) and a reduce bucket; *_offload puts the
 shards on the host. FSDP2 shards everything and gathers two blocks.
@@ -63,6 +63,9 @@ T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_
           "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
 # NF4 (torchao, QLoRA's layout): 4 bits a weight, an int8 scale per 64 weights, a compute-dtype factor per 256 scales
 NF4_BYTES = 0.5 + 1 / 64 + 2 / (64 * 256)
+# torchao 0.18 dequantises through int64 codes: a live peak of 8 + 3c bytes a weight of the Linear computing
+# (measured with benchmarks/gpu_memory.py's LiveBytes: 13.8 bf16, 19.6 fp32)
+NF4_DEQUANT = (8.0, 3.0)
 UNITS = {"fwd_lora": 6.0, "fwd_sft": 1.0, "fwd_ckpt": 10.0, "bwd": 8.0, "norm32": 2.0, "out_lora": 1.5, "out_sft": 3.5}
 
 
@@ -80,7 +83,7 @@ class ModelStats:
     outside_castable: int
     block_nf4: int  # one block: Linear weights nf4_weights stores in NF4
     outside_nf4: int
-    largest_linear: int  # elements of the largest Linear weight (one dequantised NF4 copy lives at a time)
+    largest_nf4: int  # elements of the largest of those (one NF4 weight is dequantised at a time)
     buffer_bytes: int
     block_linears: dict  # local name -> (in, out) of one block
     outside_linears: dict  # full name -> (in, out)
@@ -137,7 +140,7 @@ def _stats(transformer_json: str, vae_json: str, t5_json: str, nf4_skip: tuple[s
         outside_castable=count([n for n in castable if not n.startswith("transformer_blocks.")]),
         block_nf4=sum(v for n, v in nf4.items() if n.startswith(first)),
         outside_nf4=sum(v for n, v in nf4.items() if not n.startswith(first[:-2])),  # the blocks' list
-        largest_linear=max((m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0),
+        largest_nf4=max(nf4.values(), default=0),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         block_linears=block_linears, outside_linears=outside, patch=tcfg["patch_size"],
         patch_t=tcfg.get("patch_size_t"), temporal_ratio=tcfg.get("temporal_compression_ratio", 4),
@@ -375,8 +378,9 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
     t_fwd = UNITS["fwd_ckpt"] * unit if n_ckpt else UNITS["fwd_sft" if sft else "fwd_lora"] * unit
     t_fwd += extra + (2 * batch * st.heads * tokens**2 * c if attention == "math" else 0)
     t_bwd = UNITS["bwd"] * unit + extra
-    if nf4:  # the dequantised weight of the layer computing
-        t_fwd, t_bwd = t_fwd + c * st.largest_linear, t_bwd + c * st.largest_linear
+    if nf4:  # dequantising the weight of the layer computing
+        dequant = (NF4_DEQUANT[0] + NF4_DEQUANT[1] * c) * st.largest_nf4
+        t_fwd, t_bwd = t_fwd + dequant, t_bwd + dequant
     last_recomputed = n_ckpt and (L - 1) % s.checkpointing_every == 0  # blocks 0, k, 2k, ... are checkpointed
     t_bwd_start = t_bwd + (per_block if last_recomputed else 0)
     t_bwd += per_block if n_ckpt else 0
