@@ -104,7 +104,7 @@ def nf4_block_sizes(numel: int) -> tuple[int, int] | None:
 
 def nf4_storage(transformer, device: torch.device, skip: tuple[str, ...]) -> list[torch.nn.Parameter]:
     """Frozen Linear weights (those whose module name matches no pattern of `skip`) become torchao NF4 tensors on
-    `device`, one layer at a time, so that the full-size weights visit the device one layer at a time. F.linear on
+    `device`, quantised there one at a time (the full-size transformer never sits on the device). F.linear on
     an NF4 weight dequantises it to the input's dtype and saves only the NF4 tensor for backward, which returns no
     weight gradient; biases keep their dtype. Returns the new parameters (already on `device`)."""
     logging.getLogger("torchao").setLevel(logging.ERROR)  # its optional CUDA kernels' load failures are noise here
