@@ -11,7 +11,8 @@ pipelines shape them (latents [B, F, C, h, w] padded for patch_size_t, 226 text 
 `CogVideoXSpec.rotary_embeddings`, ofs for 1.5-I2V), MSE loss in fp32, clipping, AdamW, zero_grad(set_to_none).
 Switches, joined with '+', applied by cogtune's own code (cogtune.train.memory): ckpt (every block; ckptK: every
 K-th), actoff (with ckpt: checkpointed blocks' inputs wait on the host), fp8 (layerwise casting, float8_e4m3fn storage,
-bf16 compute), adamw8bit (bitsandbytes; skipped if it does not import), inbwd (optimizer step in backward, no clipping),
+bf16 compute), nf4 (LoRA: frozen Linear weights as torchao NF4, memory.nf4_weights), adamw8bit (bitsandbytes; skipped
+if it does not import), inbwd (optimizer step in backward, no clipping),
 boff (LoRA: frozen block weights on the host, copied in per block, the next block prefetched on a side stream;
 boffsync: the same copied on the compute stream, no prefetch, to see what prefetch hides), compile (speed.compile:
 blocks, each repeated block compiled in place; the warm-up step's seconds are reported: the compile cost), and one
@@ -42,7 +43,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 GiB = 2**30
@@ -58,6 +59,9 @@ class LiveBytes(TorchDispatchMode):
 
     def track(self, tensors) -> None:
         for t in tensors:
+            if is_traceable_wrapper_subclass(t):  # e.g. an NF4 weight: its bytes are its inner tensors'
+                self.track([getattr(t, name) for name in t.__tensor_flatten__()[0]])
+                continue
             storage = t.untyped_storage()
             key, size = storage.data_ptr(), storage.nbytes()
             if size == 0 or key in self.seen:
@@ -154,13 +158,17 @@ def apply_switches(model, switches: set[str]) -> None:
     """cogtune's own switch code (cogtune.train.memory and .speed), as `cogtune train` applies it."""
     from cogtune.models import repeated_blocks
     from cogtune.train.block_offload import block_offload
-    from cogtune.train.memory import every_kth_checkpointing, fp8_storage
+    from cogtune.train.memory import every_kth_checkpointing, fp8_storage, nf4_storage
     from cogtune.train.speed import compile_blocks
 
     if _every(switches):
         every_kth_checkpointing(model, _every(switches), offload="actoff" in switches)
     if "fp8" in switches:
         fp8_storage(model, torch.bfloat16)
+    if "nf4" in switches:
+        from cogtune.models import facts_of_transformer
+
+        nf4_storage(model, next(model.parameters()).device, facts_of_transformer(model).fp8_skip)
     if switches & {"boff", "boffsync"}:
         block_offload(model, next(model.parameters()).device, prefetch="boffsync" not in switches)
     if "compile" in switches:  # last, as in cogtune train
@@ -218,7 +226,7 @@ def predict(args, tcfg: dict, vae: dict, switches: set[str], device: torch.devic
                 "i2v": {"image_noise": False}}
         cfg = load_config(None, base=tree)
         sw = Switches(gradient_checkpointing=bool(_every(switches)), checkpointing_every=_every(switches) or 1,
-                      fp8_weights="fp8" in switches, optimizer="adamw8bit" if "adamw8bit" in switches else "adamw",
+                      fp8_weights="fp8" in switches, nf4_weights="nf4" in switches, optimizer="adamw8bit" if "adamw8bit" in switches else "adamw",
                       batch_size=args.batch, activation_offload="actoff" in switches, block_offload=bool(switches & {"boff", "boffsync"}),
                       optimizer_in_backward="inbwd" in switches)
         attention = "math" if attention_of(switches) == "sdpa_math" else "sdpa"

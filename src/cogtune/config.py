@@ -328,6 +328,10 @@ class MemoryConfig(_Section):
     # clipping (optimizer.max_grad_norm: null); step time unchanged
     optimizer_in_backward: bool = False
     fp8_weights: bool = False  # frozen base Linear weights stored as float8_e4m3fn, computed in the training dtype
+    # QLoRA: frozen base Linear weights stored as NF4 (4 bits + block scales, ~0.52 byte/param, torchao), computed in
+    # the training dtype; the adapters stay fp32 and the saved LoRA is the same file as without it (pip install
+    # cogtune[nf4])
+    nf4_weights: bool = False
     block_offload: bool = False  # frozen weights of each block live on the host, copied in for its forward (LoRA)
     vae_slicing: bool = True
     vae_tiling: bool = True
@@ -365,7 +369,7 @@ class SpeedConfig(_Section):
 
 def switch_conflicts(*, lora: bool, checkpointing: bool, activation_offload: bool, fp8_weights: bool,
                      block_offload: bool, optimizer_in_backward: bool, world: int, strategy: str, accumulation: int,
-                     clipping: bool, fp16: bool) -> list[str]:
+                     clipping: bool, fp16: bool, nf4_weights: bool = False) -> list[str]:
     """Why `cogtune train` refuses a combination of memory switches (empty: it does not). One list for the trainer,
     which raises the first, and the planner, which notes them all."""
     why = []
@@ -373,9 +377,17 @@ def switch_conflicts(*, lora: bool, checkpointing: bool, activation_offload: boo
         why.append("memory.activation_offload moves what checkpointed blocks keep to the host: it needs "
                    "memory.gradient_checkpointing: true")
     for on, name, what in ((fp8_weights, "fp8_weights", "stores frozen weights in fp8"),
-                           (block_offload, "block_offload", "keeps frozen weights on the host")):
+                           (block_offload, "block_offload", "keeps frozen weights on the host"),
+                           (nf4_weights, "nf4_weights", "stores frozen weights in 4 bits")):
         if on and not lora:
             why.append(f"memory.{name} {what}; method: sft trains every weight, so it needs method: lora")
+    if nf4_weights:
+        for what, present in (("memory.fp8_weights (one storage dtype per weight: keep one of the two)", fp8_weights),
+                              ("memory.block_offload (it moves plain weights between host and device)", block_offload),
+                              (f"distributed.strategy={strategy} (NF4 tensors are not sharded here yet): use ddp or "
+                               "one process", strategy not in ("auto", "ddp"))):
+            if present:
+                why.append(f"memory.nf4_weights stores frozen weights in 4 bits: it cannot work with {what}")
     if optimizer_in_backward:
         for what, present in (("several processes (gradients must be reduced first)", world > 1 or strategy != "auto"),
                               ("gradient_accumulation_steps > 1", accumulation > 1),
@@ -387,7 +399,8 @@ def switch_conflicts(*, lora: bool, checkpointing: bool, activation_offload: boo
     return why
 
 
-def compile_conflicts(*, compile: str, block_offload: bool, fp8_weights: bool, strategy: str) -> list[str]:
+def compile_conflicts(*, compile: str, block_offload: bool, fp8_weights: bool, strategy: str,
+                      nf4_weights: bool = False) -> list[str]:
     """Why `cogtune train` refuses speed.compile with these switches (empty: it does not); the trainer raises the
     first, the planner notes them all and proposes none of them."""
     if compile != "blocks":
@@ -400,6 +413,9 @@ def compile_conflicts(*, compile: str, block_offload: bool, fp8_weights: bool, s
         why.append("speed.compile=blocks with memory.fp8_weights: compiled blocks and the hooks that upcast fp8 weights "
                    "do not work together (a checkpoint recompute sees fp8 weights where the forward saw upcast ones); "
                    "turn one of them off")
+    if nf4_weights:
+        why.append("speed.compile=blocks with memory.nf4_weights: compiling blocks whose weights are NF4 tensors is not "
+                   "tested yet; turn one of them off")
     if STRATEGIES[strategy].sharded:
         why.append(f"speed.compile=blocks with distributed.strategy={strategy}: compiled blocks under the hooks that "
                    "gather sharded weights around each block are not supported yet; use ddp or zero2, or "

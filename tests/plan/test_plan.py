@@ -341,7 +341,7 @@ def test_every_preset_combination_is_written_or_explained():
     readme = (ROOT / "configs" / "README.md").read_text()
     for variant in VARIANTS:
         for method in ("lora", "sft"):
-            for gpu in ("24gb", "48gb", "80gb"):
+            for gpu in ("16gb", "24gb", "48gb", "80gb"):
                 written = (ROOT / "configs" / variant / f"{method}_{gpu}.yaml").is_file()
                 row = re.search(rf"^\| {re.escape(variant)} \| {method} \| {gpu} \|(.*)$", readme, re.M)
                 assert row, f"{variant} {method} {gpu} missing from configs/README.md"

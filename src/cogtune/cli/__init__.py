@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     if "--debug" not in (sys.argv[1:] if argv is None else argv):
-        # bitsandbytes (imported by diffusers when installed) warns about 4-bit CPU kernels cogtune never uses
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # bitsandbytes (imported by diffusers when installed) warns about 4-bit CPU kernels cogtune never uses;
+        # torchao (memory.nf4_weights) about optional CUDA kernels it did not load and enums torch registers
+        for name in ("bitsandbytes", "torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     given = sys.argv[1:] if argv is None else argv
     command = _command_of(given)
     parser = build_parser(command if command in COMMANDS else "")  # an unknown one: argparse names the choices

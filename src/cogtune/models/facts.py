@@ -36,7 +36,7 @@ class ModelFacts:
     objective: str  # "v_prediction" or "flow_matching" (see cogtune/objectives.py)
     lora_targets: tuple[str, ...]  # module names a LoRA adapts by default
     block_classes: tuple[str, ...]  # class names of the transformer's repeated blocks
-    fp8_skip: tuple[str, ...]  # module-name patterns that keep their dtype when weights are stored in fp8
+    fp8_skip: tuple[str, ...]  # module-name patterns that keep their dtype when weights are stored in fp8 or NF4
     transformer_class: str  # the diffusers class of the transformer
     generation: str = ""  # a finer grouping inside the family (CogVideoX "1.0" / "1.5")
     hub_id: str = ""  # where the published weights are (presets name the folder after it)

@@ -1,8 +1,8 @@
 """Memory planning: predict a run's peak accelerator and host memory from its config (`plan_memory`, in memory.py),
 and pick the cheapest memory switches that fit a GPU (`propose_switches`, here).
 
-The search tries every combination of: gradient checkpointing off / every 4th / every 2nd / every block; fp8 storage
-and block offload of the frozen weights (LoRA only); the encoders off the GPU; 8-bit AdamW (when AdamW is chosen);
+The search tries every combination of: gradient checkpointing off / every 4th / every 2nd / every block; fp8 or NF4
+storage and block offload of the frozen weights (LoRA only; NF4 without ZeRO/FSDP2 or block offload); the encoders off the GPU; 8-bit AdamW (when AdamW is chosen);
 activation offload (with checkpointing); the optimizer step in backward (SFT, one process, no accumulation);
 streaming T5 layer by layer while it encodes;
 the distributed strategy (one process: as configured, zero2_offload, zero3_offload; several: also ddp, zero2, fsdp2,
@@ -23,12 +23,13 @@ from .memory import HEADROOM, GiB, MemoryPlan, Switches, model_stats, plan_memor
 __all__ = ["GiB", "MemoryPlan", "Proposal", "Switches", "plan_memory", "propose_switches", "step_cost"]
 
 # Relative step time of each switch (multiplied together). Checkpointing re-runs the forward of the checkpointed
-# blocks (~1/3 of a step); fp8 casts every layer twice per step; block offload's copies are prefetched, but
+# blocks (~1/3 of a step); fp8 casts every layer twice per step; NF4 dequantises every layer twice per step in
+# several unfused torch ops (torchao; a guess until BENCHMARKS.md has a GPU row); block offload's copies are prefetched, but
 # what compute does not hide waits on PCIe (an estimate, not yet measured: little at 480p, more at small sizes);
 # 8-bit Adam is a fused kernel; ZeRO offload runs the optimizer on the CPU; activation offload copies one hidden
 # state per checkpointed block each way; the optimizer step in backward does the same work in another order (the
 # tiny cost only ranks it after the configurations that fit without it).
-COSTS = {"checkpointing": 0.30, "fp8_weights": 0.08, "block_offload": 0.25, "adamw8bit": 0.01, "micro_batch": 0.10,
+COSTS = {"checkpointing": 0.30, "fp8_weights": 0.08, "nf4_weights": 0.20, "block_offload": 0.25, "adamw8bit": 0.01, "micro_batch": 0.10,
          "activation_offload": 0.10, "optimizer_in_backward": 0.005, "stream_text_encoder": 0.001}
 STRATEGY_COST = {"auto": 1.0, "ddp": 1.0, "zero2": 1.05, "fsdp2": 1.15, "zero3": 1.15, "zero2_offload": 1.6,
                  "zero3_offload": 2.2}
@@ -50,6 +51,7 @@ def step_cost(s: Switches, layers: int) -> float:
     if s.gradient_checkpointing:
         cost *= 1 + COSTS["checkpointing"] * math.ceil(layers / s.checkpointing_every) / layers
     cost *= (1 + COSTS["fp8_weights"]) if s.fp8_weights else 1
+    cost *= (1 + COSTS["nf4_weights"]) if s.nf4_weights else 1
     cost *= (1 + COSTS["block_offload"]) if s.block_offload else 1
     cost *= (1 + COSTS["adamw8bit"]) if s.optimizer == "adamw8bit" else 1
     cost *= (1 + COSTS["activation_offload"]) if s.activation_offload and s.gradient_checkpointing else 1
@@ -69,19 +71,23 @@ def candidate_switches(cfg: TrainConfig, current: Switches, world: int) -> list[
     if current.batch_size > 1:
         batches.append((1, current.batch_size * current.accumulation))
     flags = [False] if sft else [False, True]
+    storage = [(False, False)] if sft else [(False, False), (True, False), (False, True)]
     in_bwd = [current.optimizer_in_backward] + ([True] if sft and world == 1 else [])
     out = []
-    for (gc, k), fp8, off, enc, opt, strat, (b, a), act, ib, st5 in product(
-            ckpt, flags, flags, [current.offload_encoders, True], opts, strategies, batches,
+    for (gc, k), (fp8, nf4), off, enc, opt, strat, (b, a), act, ib, st5 in product(
+            ckpt, storage, flags, [current.offload_encoders, True], opts, strategies, batches,
             [current.activation_offload, True], in_bwd, [current.stream_text_encoder, True]):
         if ib and (strat != "auto" or a > 1):
             continue
-        if compile_conflicts(compile=cfg.speed.compile, block_offload=off, fp8_weights=fp8, strategy=strat):
+        if compile_conflicts(compile=cfg.speed.compile, block_offload=off, fp8_weights=fp8, strategy=strat,
+                             nf4_weights=nf4):
+            continue
+        if nf4 and (strat not in ("auto", "ddp") or off):  # config.switch_conflicts refuses these
             continue
         out.append(replace(current, gradient_checkpointing=gc, checkpointing_every=k, fp8_weights=fp8,
                            block_offload=off, offload_encoders=enc, optimizer=opt, strategy=strat, batch_size=b,
                            accumulation=a, activation_offload=act and gc, optimizer_in_backward=ib,
-                           stream_text_encoder=st5))
+                           stream_text_encoder=st5, nf4_weights=nf4))
     return list(dict.fromkeys(out))
 
 

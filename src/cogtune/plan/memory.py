@@ -18,11 +18,14 @@ math kernel runs the softmax of bf16/fp16 inputs in fp32 and keeps its output).
 Outside the blocks 1.5 units (LoRA) / 3.5 (SFT). Transients, from live-tensor peaks on CPU: forward 6 (LoRA) / 1 (SFT),
 10 within a checkpointed block; backward 8 plus the recomputed block; +2 where CUDA autocast makes norm outputs fp32.
 
-Weights: frozen ones in the compute dtype (fp8_weights: 1 byte for Linear weights outside *norm* and patch_embed);
+Weights: frozen ones in the compute dtype (fp8_weights: 1 byte for Linear weights outside *norm* and patch_embed;
+nf4_weights: NF4_BYTES for the Linear weights the trainer quantises, those outside the model's fp8_skip patterns);
 trainable ones, their gradients and torch AdamW's foreach scratch (CUDA) in fp32; optimizer states config.OPTIMIZERS' state_bytes.
 Autocast caches a bf16 copy of each fp32 trainable weight through the forward (SFT). Layerwise casting and block
 offload swap `param.data` per layer or block, but what a frozen linear saves for backward keeps the compute-dtype
-(on-loaded) copy alive: fp8 storage and block offload save memory in checkpointed blocks only.
+(on-loaded) copy alive: fp8 storage and block offload save memory in checkpointed blocks only. An NF4 linear saves
+its NF4 weight for backward and dequantises it again there: one layer's dequantisation at a time (NF4_DEQUANT),
+with or without checkpointing.
 Strategies: DDP doubles the gradients (buckets). DeepSpeed holds the module in bf16, fp32 master/gradient/optimizer
 shards (ZeRO-2; ZeRO-3 shards the bf16 module too and gathers two blocks) and a reduce bucket; *_offload puts the
 shards on the host. FSDP2 shards everything and gathers two blocks.
@@ -59,6 +62,11 @@ DS_BUCKET = 5e8  # DeepSpeed reduce_bucket_size default (elements)
 T5_STREAMED = 32128 * 4096 + 2 * 4096 * 10240
 T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
           "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
+# NF4 (torchao, QLoRA's layout): 4 bits a weight, an int8 scale per 64 weights, a compute-dtype factor per 256 scales
+NF4_BYTES = 0.5 + 1 / 64 + 2 / (64 * 256)
+# torchao 0.18 dequantises through int64 codes: a live peak of 8 + 3c bytes a weight of the Linear computing
+# (measured with benchmarks/gpu_memory.py's LiveBytes: 13.8 bf16, 19.6 fp32)
+NF4_DEQUANT = (8.0, 3.0)
 UNITS = {"fwd_lora": 6.0, "fwd_sft": 1.0, "fwd_ckpt": 10.0, "bwd": 8.0, "norm32": 2.0, "out_lora": 1.5, "out_sft": 3.5}
 
 
@@ -74,6 +82,9 @@ class ModelStats:
     block_castable: int  # one block: Linear weights layerwise casting stores in fp8 (not *norm*, not patch_embed)
     block_grad_linear: int  # one block: linears whose input carries gradient (attention + feed-forward)
     outside_castable: int
+    block_nf4: int  # one block: Linear weights nf4_weights stores in NF4
+    outside_nf4: int
+    largest_nf4: int  # elements of the largest of those (one NF4 weight is dequantised at a time)
     buffer_bytes: int
     block_linears: dict  # local name -> (in, out) of one block
     outside_linears: dict  # full name -> (in, out)
@@ -97,7 +108,7 @@ def t5_encoder_params(c: dict) -> int:
 
 
 @lru_cache(maxsize=32)
-def _stats(transformer_json: str, vae_json: str, t5_json: str) -> ModelStats:
+def _stats(transformer_json: str, vae_json: str, t5_json: str, nf4_skip: tuple[str, ...] = ()) -> ModelStats:
     import torch
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 
@@ -118,6 +129,8 @@ def _stats(transformer_json: str, vae_json: str, t5_json: str) -> ModelStats:
         return sum(p.numel() for n in names for p in model.get_submodule(prefix + n).parameters(recurse=False))
 
     first = "transformer_blocks.0."
+    nf4 = {n: m.weight.numel() for n, m in model.named_modules() if type(m) is torch.nn.Linear
+           and not any(s in n for s in nf4_skip) and m.weight.numel() % 64 == 0}
     block_castable = count([n[len(first):] for n in castable if n.startswith(first)], first)
     grad_linears = [n for n in block_linears if n.startswith(("attn1.", "ff."))]
     return ModelStats(
@@ -126,6 +139,9 @@ def _stats(transformer_json: str, vae_json: str, t5_json: str) -> ModelStats:
         params=sum(p.numel() for p in model.parameters()), block_params=sum(p.numel() for p in block.parameters()),
         block_castable=block_castable, block_grad_linear=count(grad_linears, "transformer_blocks.0."),
         outside_castable=count([n for n in castable if not n.startswith("transformer_blocks.")]),
+        block_nf4=sum(v for n, v in nf4.items() if n.startswith(first)),
+        outside_nf4=sum(v for n, v in nf4.items() if not n.startswith(first[:-2])),  # the blocks' list
+        largest_nf4=max(nf4.values(), default=0),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         block_linears=block_linears, outside_linears=outside, patch=tcfg["patch_size"],
         patch_t=tcfg.get("patch_size_t"), temporal_ratio=tcfg.get("temporal_compression_ratio", 4),
@@ -161,7 +177,8 @@ def model_stats(cfg: TrainConfig, variant: str | None = None) -> tuple[str, Mode
     if real is None:
         raise CogtuneError(f"cogtune plan has no memory profile for {name} yet ({get_variant(name).family} models): "
                            "train with the memory switches you choose and watch the first steps' peak memory")
-    return name, _stats(*(json.dumps(c, sort_keys=True) for c in (tcfg, vcfg, t5cfg)))
+    skip = tuple(get_variant(name).fp8_skip)  # the patterns the trainer's nf4_storage leaves alone
+    return name, _stats(*(json.dumps(c, sort_keys=True) for c in (tcfg, vcfg, t5cfg)), skip)
 
 
 def _facts(cfg: TrainConfig, name: str):
@@ -186,6 +203,7 @@ class Switches:
     activation_offload: bool = False
     optimizer_in_backward: bool = False
     stream_text_encoder: bool = False
+    nf4_weights: bool = False
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "Switches":
@@ -195,13 +213,13 @@ class Switches:
                    bool(getattr(m, "offload_encoders", True)), str(getattr(cfg.optimizer, "name", "adamw")),
                    cfg.distributed.strategy, cfg.batch_size, cfg.gradient_accumulation_steps,
                    bool(getattr(m, "activation_offload", False)), bool(getattr(m, "optimizer_in_backward", False)),
-                   bool(getattr(m, "stream_text_encoder", False)))
+                   bool(getattr(m, "stream_text_encoder", False)), bool(getattr(m, "nf4_weights", False)))
 
     def overrides(self, base: "Switches") -> list[str]:
         """key=value pairs that turn `base` into these switches."""
         keys = {k: f"memory.{k}" for k in ("gradient_checkpointing", "checkpointing_every", "fp8_weights",
                                             "block_offload", "offload_encoders", "activation_offload",
-                                            "optimizer_in_backward", "stream_text_encoder")}
+                                            "optimizer_in_backward", "stream_text_encoder", "nf4_weights")}
         keys |= {"optimizer": "optimizer.name", "strategy": "distributed.strategy", "batch_size": "batch_size",
                  "accumulation": "gradient_accumulation_steps"}
         changed = {k for k in keys if getattr(self, k) != getattr(base, k)}
@@ -334,9 +352,10 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
         lora=not sft, checkpointing=s.gradient_checkpointing, activation_offload=s.activation_offload,
         fp8_weights=s.fp8_weights, block_offload=s.block_offload, optimizer_in_backward=s.optimizer_in_backward,
         world=world, strategy=s.strategy, accumulation=s.accumulation, clipping=clipping,
-        fp16=cfg.mixed_precision == "fp16")]
+        fp16=cfg.mixed_precision == "fp16", nf4_weights=s.nf4_weights)]
     notes += [f"{why}; cogtune train refuses this config" for why in compile_conflicts(
-        compile=cfg.speed.compile, block_offload=s.block_offload, fp8_weights=s.fp8_weights, strategy=s.strategy)]
+        compile=cfg.speed.compile, block_offload=s.block_offload, fp8_weights=s.fp8_weights, strategy=s.strategy,
+        nf4_weights=s.nf4_weights)]
     fp8, offload = s.fp8_weights and not sft, s.block_offload and not sft
     tokens, batch, L = _tokens(cfg, st), s.batch_size, st.layers
     n_ckpt = math.ceil(L / s.checkpointing_every) if s.gradient_checkpointing else 0
@@ -345,6 +364,11 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
     frozen_castable = 0 if sft else L * st.block_castable + st.outside_castable
     frozen_bytes = (p_f - frozen_castable) * c + frozen_castable * (1 if fp8 else c) + st.buffer_bytes
     block_frozen = 0 if sft else st.block_params * c - (st.block_castable * (c - 1) if fp8 else 0)
+    nf4 = s.nf4_weights and not sft
+    if nf4:
+        frozen_nf4 = L * st.block_nf4 + st.outside_nf4
+        frozen_bytes -= frozen_nf4 * (c - NF4_BYTES)
+        block_frozen -= st.block_nf4 * (c - NF4_BYTES)
 
     # activations, per micro-batch on this rank
     unit = batch * tokens * st.dim * c
@@ -359,6 +383,9 @@ def plan_memory(cfg: TrainConfig, variant: str | None = None, gpu_memory: float 
     t_fwd = UNITS["fwd_ckpt"] * unit if n_ckpt else UNITS["fwd_sft" if sft else "fwd_lora"] * unit
     t_fwd += extra + (2 * batch * st.heads * tokens**2 * 4 if attention == "math" else 0)
     t_bwd = UNITS["bwd"] * unit + extra
+    if nf4:  # dequantising the weight of the layer computing
+        dequant = (NF4_DEQUANT[0] + NF4_DEQUANT[1] * c) * st.largest_nf4
+        t_fwd, t_bwd = t_fwd + dequant, t_bwd + dequant
     last_recomputed = n_ckpt and (L - 1) % s.checkpointing_every == 0  # blocks 0, k, 2k, ... are checkpointed
     t_bwd_start = t_bwd + (per_block if last_recomputed else 0)
     t_bwd += per_block if n_ckpt else 0

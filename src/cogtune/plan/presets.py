@@ -1,4 +1,4 @@
-"""The presets under configs/: for every variant and method, the cheapest switches that fit a 24/48/80 GiB GPU.
+"""The presets under configs/: for every variant and method, the cheapest switches that fit a 16/24/48/80 GiB GPU.
 `python -m cogtune.plan.presets --write-presets configs` regenerates them."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import yaml
 
 from .memory import GiB, Switches, plan_memory
 
-PRESET_GPUS = {"24gb": 24.0, "48gb": 48.0, "80gb": 80.0}
+PRESET_GPUS = {"16gb": 16.0, "24gb": 24.0, "48gb": 48.0, "80gb": 80.0}
 
 
 def _folder_name(facts) -> str:

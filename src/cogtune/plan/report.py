@@ -38,6 +38,8 @@ def format_plan(plan: MemoryPlan) -> str:
     lora = f" (LoRA {d['trainable_params'] / 1e6:.1f}M params)" if plan.method == "lora" else ""
     what = (f"{plan.variant}, {plan.method}{lora}, {plan.tokens:,} tokens/sample, batch {s.batch_size}, "
             f"{plan.world_size} process(es), strategy {s.strategy}, optimizer {s.optimizer}")
+    if plan.method == "lora" and (s.nf4_weights or s.fp8_weights):
+        what += f", frozen Linear weights in {'NF4' if s.nf4_weights else 'fp8'}"
     moments = list(dict.fromkeys([plan.phase, plan.training_peak[0]]))  # the peak, and training's own if different
     columns = [plan.phase_parts[m] for m in moments]
     rows = [f"memory plan: {what}", f"{'GiB at the moment of:':<34}" + "".join(f"{m:>16}" for m in moments) + "  note"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
+import math
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -88,6 +91,41 @@ def fp8_storage(transformer, compute_dtype: torch.dtype, skip: tuple[str, ...] |
                             skip_modules_pattern=skip)
 
 
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's: 64 weights share a scale; 256 scales share an 8-bit quantiser
+
+
+def nf4_block_sizes(numel: int) -> tuple[int, int] | None:
+    """(block, scaler block) for a weight of `numel` elements, or None where NF4 cannot store it. A weight with
+    fewer than 256 blocks (tiny test models) takes the largest scaler block that divides its block count."""
+    if numel % NF4_BLOCK:
+        return None
+    return NF4_BLOCK, math.gcd(numel // NF4_BLOCK, NF4_SCALER_BLOCK)
+
+
+def nf4_storage(transformer, device: torch.device, skip: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """Frozen Linear weights (those whose module name matches no pattern of `skip`) become torchao NF4 tensors on
+    `device`, quantised there one at a time (the full-size transformer never sits on the device). F.linear on
+    an NF4 weight dequantises it to the input's dtype and saves only the NF4 tensor for backward, which returns no
+    weight gradient; biases keep their dtype. Returns the new parameters (already on `device`)."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # its optional CUDA kernels' load failures are noise here
+    from torchao.quantization import to_nf4
+
+    done, names = [], []
+    for name, module in transformer.named_modules():
+        w = getattr(module, "weight", None)
+        if type(module) is not torch.nn.Linear or w is None or w.requires_grad or any(s in name for s in skip):
+            continue
+        sizes = nf4_block_sizes(w.numel())
+        if sizes is None:
+            continue
+        module.weight = torch.nn.Parameter(to_nf4(w.detach().to(device).contiguous(), *sizes), requires_grad=False)
+        done.append(module.weight)
+        names.append(f"{name}.weight")
+    # DDP broadcasts every parameter from rank 0 at start: each rank quantised the same base weights the same way,
+    # so the NF4 ones are left out of it (no copy of the base over the wire)
+    transformer._ddp_params_and_buffers_to_ignore = [*getattr(transformer, "_ddp_params_and_buffers_to_ignore", ()),
+                                                     *names]
+    return done
 
 
 class OptimizerInBackward(torch.optim.Optimizer):
@@ -132,9 +170,12 @@ def check_switches(cfg, world: int) -> None:
                            activation_offload=m.activation_offload, fp8_weights=m.fp8_weights,
                            block_offload=m.block_offload, optimizer_in_backward=m.optimizer_in_backward, world=world,
                            strategy=cfg.distributed.strategy, accumulation=cfg.gradient_accumulation_steps,
-                           clipping=bool(cfg.optimizer.max_grad_norm), fp16=cfg.mixed_precision == "fp16")
+                           clipping=bool(cfg.optimizer.max_grad_norm), fp16=cfg.mixed_precision == "fp16",
+                           nf4_weights=m.nf4_weights)
     if why:
         raise CogtuneError(why[0])
+    if m.nf4_weights and importlib.util.find_spec("torchao") is None:
+        raise CogtuneError("memory.nf4_weights needs the torchao package: pip install 'cogtune[nf4]' (or torchao)")
 
 
 def make_optimizer(params, o, in_backward: bool = False) -> torch.optim.Optimizer:

@@ -31,7 +31,8 @@ from .checkpoint import (check_fresh_output, check_resumable, install_trainable_
 from .distributed import is_sharded, make_accelerator, world_size
 from .ema import EMA
 from .encode import PreparedData, prepare_data
-from .memory import check_switches, encoder_dtype, every_kth_checkpointing, fp8_storage, make_optimizer
+from .memory import (check_switches, encoder_dtype, every_kth_checkpointing, fp8_storage, make_optimizer,
+                     nf4_storage)
 from .metrics import MetricsLog, check_reporting
 from .runlock import RunLock, StopFlag
 from .speed import compile_blocks, speed_conflicts
@@ -146,7 +147,9 @@ def prepare_model(spec, cfg: TrainConfig, device) -> list[torch.nn.Parameter]:
     if m.fp8_weights:
         fp8_storage(transformer, dtype, spec.facts.fp8_skip)
     offload = block_offload(transformer, device) if m.block_offload else None
-    spec.to(device, keep_on_host=offload.host_params() if offload else ())
+    # NF4 weights are quantised on the device layer by layer (after the adapters exist: peft wraps plain Linears)
+    placed = nf4_storage(transformer, device, spec.facts.fp8_skip) if m.nf4_weights else []
+    spec.to(device, keep_on_host=[*(offload.host_params() if offload else ()), *placed])
     keep = not m.offload_encoders
     spec.encoders_for_training(text=keep, vae=keep or spec.vae_in_training)
     if cfg.speed.compile == "blocks":  # last: the compiled code sees the adapters, checkpointing and final devices

@@ -21,7 +21,7 @@ def speed_conflicts(cfg, facts, cuda: bool) -> list[str]:
     model's facts and whether CUDA is here: before any weight loads."""
     s, m = cfg.speed, cfg.memory
     why = compile_conflicts(compile=s.compile, block_offload=m.block_offload, fp8_weights=m.fp8_weights,
-                            strategy=cfg.distributed.strategy)
+                            strategy=cfg.distributed.strategy, nf4_weights=m.nf4_weights)
     if s.compile == "blocks" and compiler_missing(cuda):
         why.append(f"speed.compile=blocks: {compiler_missing(cuda)}")
     a = ATTENTION[s.attention]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-SWITCHES = ("gradient_checkpointing", "activation_offload", "fp8_weights", "block_offload", "optimizer_in_backward",
-            "stream_text_encoder")
+SWITCHES = ("gradient_checkpointing", "activation_offload", "fp8_weights", "nf4_weights", "block_offload",
+            "optimizer_in_backward", "stream_text_encoder")
 
 
 def _count(n: int) -> str:
