@@ -52,12 +52,13 @@ def test_generate_then_its_command_writes_the_same_video(served, tmp_path):
     ui_frames, cli_frames, other = (read_frames(p, range(9)).astype(np.float32) for p in (
         out / record["video"], tmp_path / "again.mp4", out / first[-2]["video"]))
     assert ui_frames.shape == cli_frames.shape == (9, 32, 48, 3)
-    # the same fp32 computation, but CPU BLAS kernels may round differently from run to run (their blocking follows
-    # memory alignment) and a tiny random-weight model amplifies that: the copy must be far closer to the page's
-    # video than a video with other settings (the first job: another seed and adapter) is
+    # the same fp32 computation, yet not bit-stable on the CPU: one pipeline sampling the same settings four times in
+    # one process gave two outcomes, 2.0 uint8 levels apart on average (max 25; oneDNN picks kernels run to run). A
+    # copy must still be far closer to the page's video than a video with other settings (another seed and adapter:
+    # ~45 levels) is
     same, changed = np.abs(ui_frames - cli_frames).mean(), np.abs(ui_frames - other).mean()
     print(f"mean |page - command| {same:.3f} levels, against other settings {changed:.3f}")
-    assert same < 1.5 and same < changed / 4
+    assert same < 4.0 and same < changed / 8
 
 
 def test_api_refuses_what_the_page_would(served, tmp_path):
