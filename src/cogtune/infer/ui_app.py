@@ -133,7 +133,8 @@ def build_app(studio: Studio, model: Path | None = None, loras: list[Pick] | Non
         return ""
 
     first = str(model) if model else (model_choices()[0][1] if model_choices() else None)
-    with gr.Blocks(title="cogtune") as app:
+    # Gradio keeps a copy of every video it serves; the outputs themselves stay in the output folder
+    with gr.Blocks(title="cogtune", delete_cache=(3600, 86400)) as app:
         gr.Markdown("## cogtune — generate videos and compare your adapters")
         with gr.Row():
             with gr.Column(scale=5):

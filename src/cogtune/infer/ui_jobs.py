@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -269,7 +270,8 @@ class Studio:
         from ..models import resolve_variant
 
         return {
-            RECORD_KEY: 1, "cogtune_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            RECORD_KEY: 1, "cogtune_version": __version__,
+            "created": datetime.now().astimezone().isoformat(timespec="microseconds"),  # sorts jobs of one second
             "model": str(model), "variant": resolve_variant(model).name, "prompt": s.prompt,
             "negative_prompt": s.negative_prompt, "image": s.image.name if s.image else None, "seed": s.seed,
             "steps": s.steps, "guidance_scale": s.guidance_scale, "frames": s.frames, "height": s.height,
