@@ -159,14 +159,19 @@ def test_bad_frames_is_one_line_in_the_page(ui):
     assert set(out.iterdir()) == before  # nothing written
 
 
-def test_cancel_stops_a_long_job(ui):
-    proc, driver, out = ui
-    open_page(driver, proc.url)
-    before = set(out.iterdir())
-    fill(driver, "#prompt textarea", "a long one")
+def start_long_job(driver, url, prompt):
+    """A 1000-step job on the page, once its progress shows an ETA."""
+    open_page(driver, url)
+    fill(driver, "#prompt textarea", prompt)
     fill(driver, "#steps input", 1000)
     css(driver, "#generate")[0].click()
     wait_for("progress with an ETA", lambda: "s left" in page_text(driver))
+
+
+def test_cancel_stops_a_long_job(ui):
+    proc, driver, out = ui
+    before = set(out.iterdir())
+    start_long_job(driver, proc.url, "a long one")
     driver.refresh()  # a reload mid-job: the page says a job runs, and Cancel still reaches it
     wait_for("the running-job line", lambda: "A job is running" in status(driver), limit=30)
     css(driver, "#cancel")[0].click()
@@ -177,12 +182,8 @@ def test_cancel_stops_a_long_job(ui):
 
 def test_cancel_reports_in_the_page_that_started_the_job(ui):
     proc, driver, out = ui
-    open_page(driver, proc.url)
     before = set(out.iterdir())
-    fill(driver, "#prompt textarea", "another long one")
-    fill(driver, "#steps input", 1000)
-    css(driver, "#generate")[0].click()
-    wait_for("progress with an ETA", lambda: "s left" in page_text(driver))
+    start_long_job(driver, proc.url, "another long one")
     css(driver, "#cancel")[0].click()
     wait_for("the cancelled line", lambda: "Cancelled" in status(driver), limit=30)
     assert "nothing was written" in status(driver)

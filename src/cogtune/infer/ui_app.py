@@ -124,7 +124,7 @@ def build_app(studio: Studio, model: Path | None = None, loras: list[Pick] | Non
     def cancel():
         return "Cancelling at the next step…" if studio.cancel() else "Nothing is running."
 
-    def refresh(current):
+    def refresh():
         return [gr.update(choices=model_choices())] + [gr.update(choices=lora_choices())] * SLOTS + [history()]
 
     def arrived():  # a reload (or a second tab) while a job runs: say so instead of an empty page
@@ -201,7 +201,7 @@ def build_app(studio: Studio, model: Path | None = None, loras: list[Pick] | Non
         sync.click(None, js=SYNC_JS)
         gallery.select(pick_earlier, None, [video, command, record], api_name=False)
         model_dd.change(on_model, model_dd, [image, model_info, frames, height, width, guidance], api_name=False)
-        refresh_btn.click(refresh, model_dd, [model_dd, *slots[0::3], gallery], api_name=False)
+        refresh_btn.click(refresh, None, [model_dd, *slots[0::3], gallery], api_name=False)
         app.load(arrived, None, status, api_name=False, queue=False)
         app.load(on_model, model_dd, [image, model_info, frames, height, width, guidance], api_name=False)
     return app

@@ -166,8 +166,12 @@ class Studio:
         stem = self._new_stem()
         runs = len(specs) + 1 + (len(specs) > 1) if req.compare else 1
         total = runs * settings.steps
-        on_progress(0, total, "loading the model" if self._model != self._key(model, specs) else "loading adapters")
-        pipe, loaded = self._pipeline(model, specs)
+        # what the kept pipeline must be: the model, built with or without its learned positional table (as the
+        # adapters were trained)
+        facts = model_facts(model, specs)
+        key = (model, facts.positions_dropped)
+        on_progress(0, total, "loading the model" if self._model != key else "loading adapters")
+        pipe, loaded = self._pipeline(model, specs, facts, key)
         if self._cancel.is_set():
             raise Cancelled("cancelled before sampling: nothing was written")
         written: list[Path] = []
@@ -220,31 +224,25 @@ class Studio:
         written += [grid, sheet]
         return {"kind": "compare", "video": grid.name, "sheet": sheet.name, "videos": singles}
 
-    @staticmethod
-    def _key(model: Path, specs: list[LoraSpec]) -> tuple:
-        """What the kept pipeline is: the model, built with or without its learned positional table (as the
-        adapters were trained)."""
-        return model, model_facts(model, specs).positions_dropped
-
-    def _pipeline(self, model: Path, specs: list[LoraSpec]):
-        """The kept pipeline of `model` with `specs` active; only adapters not loaded before are read."""
+    def _pipeline(self, model: Path, specs: list[LoraSpec], facts, key: tuple):
+        """The kept pipeline (`key`: model and how it is built) with `specs` active; only adapters not loaded before
+        are read."""
         from ..export.lora_compat import check_lora_compat
 
-        key = self._key(model, specs)
         if self._model != key:
             self._pipe = self._model = None  # free the old weights before loading new ones
             self._loaded = {}
-            self._pipe = build_pipeline(model, [], facts=model_facts(model, specs), **self.options)
+            self._pipe = build_pipeline(model, [], facts=facts, **self.options)
             self._model = key
             self.loads += 1
         loaded = []
         for spec in specs:
-            key = f"a{self.file_hash(spec.path)[:16]}"
-            if key not in self._loaded:
+            name = f"a{self.file_hash(spec.path)[:16]}"
+            if name not in self._loaded:
                 check_lora_compat(spec.path, model)
-                load_adapters(self._pipe, [LoraSpec(spec.path, spec.weight, key)])
-                self._loaded[key] = spec.path
-            loaded.append(LoraSpec(spec.path, spec.weight, key))
+                load_adapters(self._pipe, [LoraSpec(spec.path, spec.weight, name)])
+                self._loaded[name] = spec.path
+            loaded.append(LoraSpec(spec.path, spec.weight, name))
         activate_adapters(self._pipe, loaded)
         return self._pipe, loaded
 
